@@ -1,0 +1,3 @@
+from glmae.cli import main
+
+main()

@@ -1,0 +1,191 @@
+"""The `glmae` command. Thin wrappers: each command imports its (heavy) module when it runs.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr, no traceback), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from glmae.errors import InputError, TrainingError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Self-supervised pre-training (GL-MAE, MAE3D, GMIM) and fine-tuning for 3D medical segmentation.",
+)
+
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a config field: key=value (repeatable).")
+]
+ConfigOpt = Annotated[str, typer.Option("--config", help="Packaged config name or YAML file.")]
+DataOpt = Annotated[
+    str, typer.Option("--data", help="MSD folder or dataset.json, nnU-Net folder, datalist JSON, folder or glob.")
+]
+OutOpt = Annotated[Path, typer.Option("--out", help="Run folder.")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimiser steps.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.pt.")]
+
+
+def _config(name: str, overrides: list[str] | None, max_steps: int | None = None):
+    from glmae.config import load_config
+
+    overrides = list(overrides or [])
+    if max_steps is not None:
+        overrides += [f"train.max_steps={max_steps}", "train.epochs=0"]
+    return load_config(name, overrides)
+
+
+@app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Output folder (MSD layout).")],
+    cases: Annotated[int, typer.Option("--cases", min=1, help="Number of cases.")] = 10,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same arrays.")] = 0,
+    shape: Annotated[
+        Optional[tuple[int, int, int]], typer.Option("--shape", help="Volume shape X Y Z.")
+    ] = None,
+    preview: Annotated[bool, typer.Option("--preview", help="Also write a PNG preview per case.")] = False,
+):
+    """Write synthetic abdominal CT phantoms with 9+ labelled organs (MSD layout)."""
+    from glmae.synth import write_dataset
+
+    write_dataset(out_dir, cases=cases, seed=seed, shape=shape, preview=preview)
+
+
+@app.command()
+def info(data: Annotated[str, typer.Argument(help="Data set: folder, dataset.json, datalist or glob.")]):
+    """Describe and validate a data set; exit 2 if any problem is found."""
+    from glmae.data.validate import info as run_info
+
+    if run_info(data) > 0:
+        raise typer.Exit(2)
+
+
+@app.command("config")
+def config_cmd(
+    name: Annotated[str, typer.Argument(help="Packaged config name or YAML file.")],
+    set_: SetOpt = None,
+):
+    """Print the resolved configuration as YAML."""
+    from glmae.config import dump_yaml
+
+    typer.echo(dump_yaml(_config(name, set_)), nl=False)
+
+
+@app.command()
+def pretrain(
+    config: ConfigOpt,
+    data: DataOpt,
+    out: OutOpt,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = False,
+    set_: SetOpt = None,
+):
+    """Self-supervised pre-training (MAE3D, GL-MAE, GMIM); writes OUT/encoder.safetensors."""
+    from glmae.pretrain import pretrain as run
+
+    run(_config(config, set_, max_steps), data, out, resume=resume)
+
+
+@app.command()
+def finetune(
+    config: ConfigOpt,
+    data: DataOpt,
+    out: OutOpt,
+    init: Annotated[
+        str, typer.Option("--init", help="encoder.safetensors, a pretraining last.pt, or 'none'.")
+    ] = "none",
+    mode: Annotated[str, typer.Option("--mode", help="linear (frozen encoder) or e2e.")] = "e2e",
+    label_fraction: Annotated[
+        float, typer.Option("--label-fraction", min=0.0, max=1.0, help="Fraction of labelled training cases.")
+    ] = 1.0,
+    split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of the split and subset.")] = 0,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = False,
+    set_: SetOpt = None,
+):
+    """Fine-tune a segmentation network (UNETR, Swin-UNETR) from a pretrained encoder."""
+    from glmae.finetune import finetune as run
+
+    if mode not in ("linear", "e2e"):
+        raise InputError(f"--mode: expected linear or e2e, got {mode!r}")
+    run(
+        _config(config, set_, max_steps),
+        data,
+        out,
+        init=init,
+        mode=mode,
+        label_fraction=label_fraction,
+        split_seed=split_seed,
+        resume=resume,
+    )
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Fine-tuning checkpoint (best.pt).")],
+    data: Annotated[str, typer.Option("--data", help="Data set with labels.")],
+    out: Annotated[Path, typer.Option("--out", help="Metrics JSON to write (CSV and PNG beside it).")],
+    split: Annotated[str, typer.Option("--split", help="val, test or all.")] = "val",
+):
+    """Per-case and per-class Dice of a fine-tuned model on a data set split."""
+    from glmae.evaluate import evaluate as run
+
+    run(checkpoint, data, out, split=split)
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Fine-tuning checkpoint (best.pt).")],
+    input: Annotated[str, typer.Option("--input", help="Image file or folder of images.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the masks.")],
+    overlay: Annotated[bool, typer.Option("--overlay", help="Also write overlay PNGs.")] = False,
+):
+    """Segment images; masks are written in each input's own geometry."""
+    from glmae.predict import predict as run
+
+    run(checkpoint, input, out, overlay=overlay)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint or encoder.safetensors.")],
+    format: Annotated[str, typer.Option("--format", help="monai-unetr, monai-vit or safetensors.")],
+    out: Annotated[Path, typer.Option("--out", help="File to write (constructor arguments beside it).")],
+):
+    """Convert weights for MONAI's UNETR / ViT, or the encoder alone as safetensors."""
+    from glmae.export import export as run
+
+    run(checkpoint, format, out)
+
+
+@app.command()
+def demo(
+    out: OutOpt = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="A ~3 minute version.")] = False,
+):
+    """Synthesise phantoms, pretrain GL-MAE, fine-tune with few labels vs scratch, and report."""
+    from glmae.demo import demo as run
+
+    run(out, quick=quick)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="glmae")
+    except InputError as err:
+        print(f"glmae: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingError as err:
+        print(f"glmae: stopped: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Pre-training and fine-tuning methods. Importing this package registers their configs."""
