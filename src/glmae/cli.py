@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from glmae.errors import InputError, TrainingError
+from glmae.errors import InputError, Interrupted, TrainingError
 
 app = typer.Typer(
     add_completion=False,
@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingError as err:
         print(f"glmae: stopped: {err}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as err:
+        print(f"glmae: {err}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,23 @@ import yaml
 from glmae.errors import InputError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false, so `amp: off` stays the string "off"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 _ENCODERS: dict[str, type] = {}
 _METHODS: dict[str, type] = {}
@@ -278,7 +296,7 @@ def _read_yaml(source: str, seen: tuple[str, ...] = ()) -> dict:
     if str(path) in seen:
         raise InputError("config: circular `base`", path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise InputError(f"cannot read config: {str(err).splitlines()[0]}", path) from None
     if not isinstance(data, dict):
@@ -310,7 +328,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise InputError(f"--set {text!r}: expected key=value, e.g. optim.lr=1e-3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str):  # YAML reads '1e-3' as a string; accept it as a number
@@ -340,8 +358,15 @@ def load_config(source: str | dict, overrides: list[str] | tuple[str, ...] = ())
     return build(Config, apply_overrides(data, list(overrides)))
 
 
+class _Dumper(yaml.SafeDumper):
+    """Sections as blocks, lists of numbers inline: `roi: [96, 96, 96]`."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
 def steps_for_epochs(cfg: Config, samples_per_epoch: int, world_size: int) -> int:

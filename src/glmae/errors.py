@@ -20,3 +20,7 @@ class InputError(Exception):
 
 class TrainingError(Exception):
     """A run that cannot continue (non-finite loss, ...); the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM during training: a checkpoint was written and `--resume` continues."""

@@ -1,0 +1,75 @@
+"""Random crops, views and flips of preprocessed volumes: pure functions of (volume, rng).
+
+Each random transform is a parameter draw (`*_box`, `flip_axes`) followed by a deterministic
+function (`crop`, `resize`, `flip`), so any sample can be replayed from its seed and tested.
+Volumes are (C, X, Y, Z) arrays, possibly memory-mapped from the preprocessing cache; only the
+cropped region is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]  # (start, size) per spatial axis
+
+
+def crop_box(
+    shape: Sequence[int], size: Sequence[int], rng: np.random.Generator, region: Sequence[Sequence[int]] | None = None
+) -> Box:
+    """A box of `size` whose centre is uniform in `region` ([start, stop) per axis, e.g. the body's
+    bounding box; default the whole volume), moved inside the volume where it fits. A side larger
+    than the volume is centred on it (the crop pads)."""
+    start = []
+    for axis, (n, s) in enumerate(zip(shape, size)):
+        lo, hi = (0, n) if region is None else region[axis]
+        centre = int(rng.integers(lo, max(lo + 1, hi)))
+        first = centre - s // 2
+        first = (n - s) // 2 if s >= n else min(max(first, 0), n - s)
+        start.append(first)
+    return tuple(start), tuple(int(s) for s in size)
+
+
+def view_box(shape: Sequence[int], scale: tuple[float, float], rng: np.random.Generator) -> Box:
+    """GL-MAE view: side fraction s ~ U(scale) of the volume's extent on every axis (one s per
+    view), at a uniformly random position inside the volume."""
+    s = rng.uniform(*scale)
+    size = tuple(max(1, int(round(s * n))) for n in shape)
+    start = tuple(int(rng.integers(0, n - k + 1)) for n, k in zip(shape, size))
+    return start, size
+
+
+def crop(image: np.ndarray, box: Box, pad_value: float = 0.0) -> np.ndarray:
+    """(C, X, Y, Z) -> (C, *size) float32; parts of the box outside the volume are `pad_value`
+    (0 is air after CT windowing and background after MRI z-scoring of non-zero voxels)."""
+    start, size = box
+    out = np.full((image.shape[0], *size), pad_value, dtype=np.float32)
+    src, dst = [slice(None)], [slice(None)]
+    for first, s, n in zip(start, size, image.shape[1:]):
+        a, b = max(first, 0), min(first + s, n)
+        src.append(slice(a, b))
+        dst.append(slice(a - first, b - first))
+    out[tuple(dst)] = image[tuple(src)]
+    return out
+
+
+def resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Trilinear resize (C, X, Y, Z) -> (C, *size)."""
+    if tuple(image.shape[1:]) == tuple(size):
+        return image
+    x = torch.from_numpy(np.ascontiguousarray(image))[None]
+    return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)[0].numpy()
+
+
+def flip_axes(rng: np.random.Generator, p: float = 0.5) -> tuple[int, ...]:
+    """Spatial axes (0, 1, 2) to flip, each with probability p."""
+    return tuple(int(a) for a in np.flatnonzero(rng.random(3) < p))
+
+
+def flip(x: np.ndarray, axes: Sequence[int]) -> np.ndarray:
+    """Flip spatial `axes` of a (C, X, Y, Z) or (X, Y, Z) array (channels, if any, come first)."""
+    offset = x.ndim - 3
+    return np.ascontiguousarray(np.flip(x, axis=tuple(a + offset for a in axes))) if axes else x

@@ -1,0 +1,108 @@
+"""Checkpoints: atomic writes, loads that never execute code, encoder weights as safetensors.
+
+A checkpoint is a dict of tensors and plain Python values (no pickled objects), so it loads with
+`torch.load(..., weights_only=True)`; a file that needs more than that is refused, not executed.
+Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed over the
+old file: a crash at any moment leaves either the old or the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmae.errors import InputError
+
+FORMAT = "glmae-checkpoint/1"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file_object) on a temporary file, then atomically move it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save(state: dict[str, Any], path: Path) -> None:
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by `save`; InputError for anything else (no code is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("checkpoint not found", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).splitlines()[0] if str(err) else "unsupported content"
+        raise InputError(
+            f"refusing to load: the file holds Python objects beyond tensors and plain values "
+            f"(possibly malicious; not executed): {reason}",
+            path,
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise InputError(f"not a readable checkpoint ({str(err).splitlines()[0]})", path) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise InputError(f"not a glmae checkpoint (expected format {FORMAT})", path)
+    return state
+
+
+def save_encoder(weights: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
+    """`path` (.safetensors) with the weights and `path` minus suffix + .json with `meta`."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    atomic_write(path, lambda f: f.write(save(tensors, metadata={"format": "glmae-encoder/1"})))
+    text = json.dumps(meta, indent=2) + "\n"
+    atomic_write(Path(path).with_suffix(".json"), lambda f: f.write(text.encode()))
+
+
+def load_encoder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and metadata written by `save_encoder`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise InputError("encoder weights not found", path)
+    try:
+        weights = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"not a readable safetensors file ({err})", path) from None
+    if not meta_path.is_file():
+        raise InputError(f"missing its architecture file {meta_path.name}", path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"unreadable architecture file ({err})", meta_path) from None
+    return weights, meta

@@ -1,0 +1,68 @@
+"""AdamW parameter groups and the per-iteration learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from glmae.config import OptimConfig
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """Norms, biases and learned tokens are not weight-decayed."""
+    return param.ndim <= 1 or name.endswith("token")
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    layer_of: Callable[[str], int] | None = None,
+    num_layers: int = 0,
+) -> list[dict]:
+    """Groups of trainable parameters, each with `weight_decay` and an `lr_scale`.
+
+    With layer-wise decay, a parameter in layer i of `num_layers + 1` (0 = embedding, the last =
+    everything above the encoder) gets lr_scale = layer_decay ** (num_layers - i).
+    """
+    groups: dict[tuple[float, float], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        wd = 0.0 if no_decay(name, param) else weight_decay
+        scale = 1.0
+        if layer_decay != 1.0 and layer_of is not None:
+            scale = layer_decay ** (num_layers - layer_of(name))
+        group = groups.setdefault((wd, scale), {"params": [], "weight_decay": wd, "lr_scale": scale})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def build_optimizer(groups: list[dict], cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, fused=fused or None)
+
+
+def peak_lr(cfg: OptimConfig, effective_batch: int) -> float:
+    """lr = base lr x effective batch / 256 (linear scaling rule) or the lr as given."""
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * effective_batch / 256
+    if cfg.lr_scaling == "none":
+        return cfg.lr
+    raise ValueError(f"optim.lr_scaling must be 'linear' or 'none', not {cfg.lr_scaling!r}")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_lr: float = 0.0) -> float:
+    """Learning rate for the update that follows `step` completed updates (0-based):
+    linear warm-up over `warmup` updates, then half-cosine from `peak` down to `min_lr` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,84 @@
+"""PNG figures a person wants to look at: reconstructions on three orthogonal slices, curves.
+
+matplotlib is imported inside the functions (Agg backend), so importing glmae stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from glmae.engine.checkpoint import atomic_write
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
+
+
+def orthogonal_slices(volume: np.ndarray) -> list[np.ndarray]:
+    """(X, Y, Z) RAS -> axial, coronal, sagittal slices through the centre, oriented for display
+    (anterior / superior up, patient right on the viewer's left, sagittal facing left, as
+    radiologists read)."""
+    x, y, z = (s // 2 for s in volume.shape)
+    axial = volume[:, :, z].T[::-1, ::-1]  # rows: anterior up; cols: right on the left
+    coronal = volume[:, y, :].T[::-1, ::-1]
+    sagittal = volume[x, :, :].T[::-1, ::-1]
+    return [axial, coronal, sagittal]
+
+
+def recon_figure(rows: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]], path: Path, vmin=0.0, vmax=1.0):
+    """One row per view (`(row title, [(column title, (X, Y, Z) volume), ...])`), each volume as
+    three orthogonal slices side by side."""
+    plt = _figure()
+    cmap = plt.get_cmap("gray").with_extremes(bad="#2b4d7a")  # masked patches (NaN) in blue
+    n_rows = len(rows)
+    n_cols = max(len(cols) for _, cols in rows) * 3
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.8 * n_rows), squeeze=False)
+    for r, (row_title, cols) in enumerate(rows):
+        for c, (col_title, volume) in enumerate(cols):
+            for k, (plane, image) in enumerate(zip(("axial", "coronal", "sagittal"), orthogonal_slices(volume))):
+                ax = axes[r, 3 * c + k]
+                ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+                ax.set_title(f"{col_title}\n{plane}" if k == 1 else plane, fontsize=7)
+        axes[r, 0].set_ylabel(row_title, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def curves_figure(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str = "",
+                  xlabel: str = "step", ylabel: str = "", logy: bool = False) -> None:
+    """Line plot of named (x, y) series."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)

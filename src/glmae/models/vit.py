@@ -1,0 +1,162 @@
+"""3D Vision Transformer encoder shared by MAE3D, GL-MAE and UNETR.
+
+- Patch embedding: Conv3d with kernel = stride = patch, computed as a matrix product on the
+  patches that are actually visible (masked tokens are never embedded).
+- Position embedding: fixed 3D sin-cos (MONAI's `build_sincos_position_embedding`) for the token
+  grid of each input, so one encoder serves 160³ and 96³ views and any fine-tuning ROI.
+- No cls token. Attention through `scaled_dot_product_attention`.
+- Parameter names follow `monai.networks.nets.ViT` (`patch_embedding.patch_embeddings`,
+  `blocks.i.attn.qkv`, `blocks.i.mlp.linear1`, ...), so export to MONAI is a copy plus the
+  position embedding.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
+from monai.networks.layers import DropPath
+from torch import nn
+
+from glmae.config import ViTConfig
+from glmae.models.patches import gather_tokens, patchify, token_grid
+
+# width, depth, heads (METHODS.md); vit_nano is the CPU preset of the *_tiny configs
+PRESETS: dict[str, dict] = {
+    "vit_nano": dict(width=192, depth=6, heads=3),
+    "vit_tiny": dict(width=192, depth=12, heads=3),
+    "vit_small": dict(width=384, depth=12, heads=6),
+    "vit_base": dict(width=768, depth=12, heads=12),
+}
+
+
+@functools.lru_cache(maxsize=64)
+def sincos_embedding(
+    grid: tuple[int, int, int], width: int, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Fixed 3D sin-cos position embedding (L, width) for a token grid (gx, gy, gz); cached, read-only."""
+    if width % 6:
+        raise ValueError(f"width {width} must be divisible by 6 for 3D sin-cos position embeddings")
+    with warnings.catch_warnings():  # MONAI calls torch.meshgrid without `indexing` ('ij' is meant)
+        warnings.simplefilter("ignore", UserWarning)
+        emb = build_sincos_position_embedding(list(grid), width, spatial_dims=3).data[0]
+    return emb.to(device=device, dtype=dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, qkv_bias: bool):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, width = x.shape
+        qkv = self.qkv(x).reshape(n, length, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, heads, L, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(x.transpose(1, 2).reshape(n, length, width))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.linear1 = nn.Linear(width, hidden)
+        self.linear2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(F.gelu(self.linear1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbedding(nn.Module):
+    def __init__(self, in_channels: int, width: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.patch_embeddings = nn.Conv3d(in_channels, width, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (N, C, X, Y, Z), keep (N, K) token indices or None -> tokens (N, K or L, width)."""
+        grid = token_grid(x.shape[2:], self.patch)
+        patches = patchify(x, self.patch)  # (N, L, C·p³)
+        weight = self.patch_embeddings.weight
+        pos = sincos_embedding(grid, weight.shape[0], str(x.device), weight.dtype)
+        if keep is not None:
+            patches = gather_tokens(patches, keep)
+            pos = pos[keep]  # (N, K, width)
+        return F.linear(patches, weight.flatten(1), self.patch_embeddings.bias) + pos
+
+
+class ViT(nn.Module):
+    """Encoder: (N, C, X, Y, Z) -> tokens (N, L, width) after the final norm.
+
+    `keep` (N, K) restricts the encoder to the visible tokens (their grid positions are the
+    indices); `out_blocks` asks for the hidden states after those blocks (0-based, before the
+    final norm), e.g. (3, 6, 9) for UNETR as in MONAI.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = PatchEmbedding(cfg.in_channels, cfg.width, cfg.patch_size)
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, rate) for rate in rates
+        )
+        self.norm = nn.LayerNorm(cfg.width)
+        self.apply(_init_weights)
+        # patch embedding initialised like a linear layer (MAE)
+        nn.init.xavier_uniform_(self.patch_embedding.patch_embeddings.weight.view(cfg.width, -1))
+
+    @property
+    def width(self) -> int:
+        return self.cfg.width
+
+    def forward(
+        self, x: torch.Tensor, keep: torch.Tensor | None = None, out_blocks: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tokens = self.patch_embedding(x, keep)
+        hidden = []
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if i in out_blocks:
+                hidden.append(tokens)
+        return self.norm(tokens), hidden
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def vit_config(preset: str, **overrides) -> ViTConfig:
+    """ViTConfig for a named preset, e.g. vit_config("vit_base", patch_size=16)."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown ViT preset {preset!r} (known: {', '.join(PRESETS)})")
+    return ViTConfig(**{**PRESETS[preset], **overrides})
