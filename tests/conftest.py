@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -31,3 +33,19 @@ def run_cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def write_nifti():
+    """write_nifti(path, array, affine=identity) -> path: a NIfTI file (.nii or .nii.gz) with parents."""
+    import nibabel as nib
+    import numpy as np
+
+    def write(path, array, affine=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
+        nib.save(nib.Nifti1Image(np.asarray(array), affine), path)
+        return path
+
+    return write
