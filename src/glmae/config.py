@@ -12,6 +12,7 @@ run describes itself.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import math
@@ -340,7 +341,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    data = _merge({}, data)
+    data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -354,7 +355,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def load_config(source: str | dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Resolve a packaged name, a YAML path or a mapping, plus `--set` overrides, to a Config."""
-    data = _read_yaml(source) if isinstance(source, str) else _merge({}, source)
+    data = _read_yaml(source) if isinstance(source, str) else source
     return build(Config, apply_overrides(data, list(overrides)))
 
 

@@ -60,6 +60,7 @@ class RunLogger:
         self._t0, self._s0 = time.perf_counter(), start_step
         if not enabled:
             return
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.jsonl_path = Path(run_dir) / "log.jsonl"
         _truncate_log(self.jsonl_path, start_step)
         self._jsonl = self.jsonl_path.open("a")

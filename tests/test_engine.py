@@ -1,0 +1,273 @@
+"""The shared training engine: schedule, parameter groups, sample stream, checkpoints, resume,
+non-finite losses, signals and data parallelism."""
+
+import json
+import math
+import os
+import signal
+import socket
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from glmae.config import load_config
+from glmae.engine import checkpoint, distributed
+from glmae.engine.data import SampleDataset, SampleStream
+from glmae.engine.logger import read_log
+from glmae.engine.optim import lr_at, param_groups, peak_lr
+from glmae.engine.trainer import amp_dtype, fit
+from glmae.errors import InputError, Interrupted, TrainingError
+from glmae.methods.mae3d import MAE3D
+
+TINY = {
+    "task": "pretrain",
+    "encoder": {"arch": "vit", "patch_size": 4, "width": 24, "depth": 2, "heads": 2},
+    "method": {"name": "mae3d", "roi": [16, 16, 8], "decoder_width": 12, "decoder_depth": 1, "decoder_heads": 2},
+    "data": {"num_workers": 0},
+    "optim": {"lr": 1e-3, "lr_scaling": "none", "warmup_steps": 2},
+    "train": {"max_steps": 8, "batch_size": 2, "log_every": 1, "ckpt_every": 4, "amp": "off", "device": "cpu"},
+}
+
+
+def tiny_cfg(*overrides):
+    return load_config(TINY, list(overrides))
+
+
+def fake_volumes(n=3):
+    rng = np.random.default_rng(0)
+    vols = []
+    for _ in range(n):
+        image = np.zeros((1, 24, 24, 16), np.float32)
+        image[:, 4:20, 4:20, 2:14] = rng.random((1, 16, 16, 12))
+        vols.append(types.SimpleNamespace(image=image, foreground_box=((4, 20), (4, 20), (2, 14))))
+    return vols
+
+
+def train(cfg, run_dir, model_cls=MAE3D, resume=False, env=None):
+    torch.manual_seed(cfg.train.seed)
+    model = model_cls(cfg.encoder, cfg.method)
+    env = env or distributed.init("cpu")
+    return fit(model, cfg, SampleDataset(fake_volumes(), model.sampler()), run_dir, env, resume=resume)
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_log(run_dir / "log.jsonl") if "loss" in r}
+
+
+# --- schedule and parameter groups ------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 10, min_lr=0.2) == pytest.approx(0.6)  # half way down the cosine
+    assert lr_at(100, 100, 1.0, 10, min_lr=0.2) == pytest.approx(0.2)
+
+
+def test_linear_scaling_rule():
+    cfg = tiny_cfg("optim.lr_scaling=linear", "optim.lr=1.5e-4")
+    assert peak_lr(cfg.optim, 512) == pytest.approx(3e-4)
+
+
+def test_norms_and_biases_are_not_decayed():
+    model = MAE3D(tiny_cfg().encoder, tiny_cfg().method)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in param_groups(model, 0.05):
+        for p in group["params"]:
+            decayed = group["weight_decay"] > 0
+            assert decayed == (p.ndim > 1 and not names[id(p)].endswith("token")), names[id(p)]
+
+
+def test_layer_decay_scales():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    groups = param_groups(model, 0.0, layer_decay=0.5, layer_of=lambda n: int(n[0]), num_layers=1)
+    scales = sorted(g["lr_scale"] for g in groups)
+    assert scales == [0.5, 1.0]
+
+
+# --- the sample stream ----------------------------------------------------------------------
+
+
+def take(stream, n):
+    it = iter(stream)
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_visits_every_item_once_per_epoch():
+    items = [i for i, _ in take(SampleStream(5, seed=1, batch_size=1), 10)]
+    assert sorted(items[:5]) == list(range(5)) and sorted(items[5:]) == list(range(5))
+
+
+def test_ranks_split_what_one_process_sees():
+    single = take(SampleStream(7, 3, batch_size=4), 12)
+    r0 = take(SampleStream(7, 3, batch_size=2, rank=0, world_size=2), 6)
+    r1 = take(SampleStream(7, 3, batch_size=2, rank=1, world_size=2), 6)
+    merged = []
+    for m in range(3):
+        merged += r0[2 * m: 2 * m + 2] + r1[2 * m: 2 * m + 2]
+    assert merged == single
+
+
+def test_stream_resumes_mid_run():
+    full = take(SampleStream(5, 0, batch_size=2), 10)
+    assert take(SampleStream(5, 0, batch_size=2, start=3), 4) == full[6:10]
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def test_checkpoint_roundtrip_and_atomic_replace(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save({"step": 1, "w": torch.ones(3)}, path)
+    checkpoint.save({"step": 2, "w": torch.zeros(3)}, path)
+    state = checkpoint.load(path)
+    assert state["step"] == 2 and torch.equal(state["w"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary files left
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save({"step": 1}, path)
+
+    def explode(f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        checkpoint.atomic_write(path, explode)
+    assert checkpoint.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_pickle_is_refused_not_executed(tmp_path):
+    evil, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    torch.save({"format": checkpoint.FORMAT, "model": _Evil(str(marker))}, evil)
+    with pytest.raises(InputError, match="refusing to load"):
+        checkpoint.load(evil)
+    assert not marker.exists()
+
+
+def test_garbage_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="bad.pt"):
+        checkpoint.load(bad)
+
+
+# --- training runs ----------------------------------------------------------------------------
+
+
+def test_run_writes_logs_checkpoint_and_figure(tmp_path):
+    train(tiny_cfg("train.max_steps=3", "train.log_every=1"), tmp_path)
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 3 and state["config"]["train"]["max_steps"] == 3
+    assert list((tmp_path / "tb").iterdir())
+    assert (tmp_path / "figures" / "recon_000003.png").exists()
+
+
+class StopsItself(MAE3D):
+    """Sends itself SIGTERM after step 3, like a cluster pre-empting the job."""
+
+    def after_step(self, step, total):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    cfg = tiny_cfg()
+    train(cfg, tmp_path / "full")
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "cut", model_cls=StopsItself)
+    k = checkpoint.load(tmp_path / "cut" / "checkpoints" / "last.pt")["step"]
+    assert 3 <= k < cfg.train.max_steps
+    train(cfg, tmp_path / "cut", resume=True)
+    full, cut = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert sorted(cut) == list(range(1, 9))  # records after the checkpoint were not duplicated
+    for step in range(k + 1, 9):
+        assert cut[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    train(tiny_cfg("train.max_steps=2"), tmp_path)
+    with pytest.raises(InputError, match="optim.lr"):
+        train(tiny_cfg("train.max_steps=4", "optim.lr=0.5"), tmp_path, resume=True)
+
+
+class GoesNaN(MAE3D):
+    def forward(self, batch):
+        loss, logs = super().forward(batch)
+        self.calls = getattr(self, "calls", 0) + 1
+        return (loss * float("nan") if self.calls > 5 else loss), logs
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingError, match="non-finite at step 6"):
+        train(tiny_cfg(), tmp_path, model_cls=GoesNaN)
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_amp_choice():
+    cpu = torch.device("cpu")
+    assert amp_dtype("off", cpu) is None and amp_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(InputError):
+        amp_dtype("fp16", cpu)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    assert amp_dtype("auto", cpu) is (torch.bfloat16 if amx else None)
+
+
+# --- data parallel ----------------------------------------------------------------------------
+
+
+def _ddp_worker(rank, port, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    env = distributed.init("cpu")
+    cfg = tiny_cfg("train.max_steps=3", "train.batch_size=1")
+    model = train(cfg, out / "ddp", env=env)
+    torch.save(model.state_dict(), out / f"rank{rank}.pt")
+    distributed.cleanup()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_agree_with_one_process(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), tmp_path), nprocs=2)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    single = train(tiny_cfg("train.max_steps=3", "train.batch_size=2"), tmp_path / "single").state_dict()
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+        a, b = r0[name], single[name]
+        if name.endswith("attn.qkv.bias"):
+            # the key bias cancels in softmax: its gradient is pure round-off, which Adam's
+            # normalisation turns into full-size steps of random sign; compare queries and values
+            third = a.shape[0] // 3
+            a, b = torch.cat([a[:third], a[2 * third:]]), torch.cat([b[:third], b[2 * third:]])
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    # rank 0 alone wrote the run folder, with the loss averaged over ranks
+    logged = read_log(tmp_path / "ddp" / "log.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    single_log = read_log(tmp_path / "single" / "log.jsonl")
+    assert logged[0]["loss"] == pytest.approx(single_log[0]["loss"], rel=1e-5)
+    assert math.isfinite(json.loads((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()[-1])["loss"])
