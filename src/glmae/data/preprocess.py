@@ -1,0 +1,298 @@
+"""Volumes ready for training: MONAI transforms, validated inputs, an on-disk cache.
+
+Per case: LoadImage (nibabel) -> channel first -> Orientation RAS -> Spacing to `cfg.spacing`
+(bilinear for images, nearest for labels; None keeps the native grid) -> intensity -> crop to
+the body if `cfg.crop_foreground`. Intensity modes: ``ct`` clips to `cfg.ct_window` and scales to
+[0, 1]; ``mri`` z-scores each channel over its non-zero voxels; ``none``; ``auto`` is ct when every
+channel is CT, else mri. The body (`Volume.foreground_box`) is where any channel of the resampled
+raw image is above the window's lower end (ct) or non-zero (other modes): the image alone decides,
+never the label. Before loading, `glmae.data.validate.check_headers` checks dimensions and geometry;
+NaN/Inf voxels are an error, a constant image a warning.
+
+Cache: `cfg.cache_dir`, else $GLMAE_CACHE_DIR, else $XDG_CACHE_HOME/glmae (~/.cache/glmae), in a
+folder per `FORMAT_VERSION`:
+
+    <key>.image.npy    (C, X, Y, Z) float32
+    <key>.json         affine, foreground box, crop, geometry of the input files
+    <lkey>.label.npy   (X, Y, Z) uint8 (int16 above 255)
+
+`key` hashes each image file's resolved path, size and mtime with the settings (spacing, intensity
+mode, window, crop, modalities); `lkey` hashes `key` with the label file's. Pretraining caches images
+only; fine-tuning with the same settings then adds the labels without recomputing the images (the
+label is put on the cached grid from the geometry recorded in the JSON). A changed file or setting
+gives a new key; old entries are never deleted (remove the folder to reclaim space). Files are
+written under temporary names and renamed into place, the JSON last, so a concurrent reader (DDP
+ranks, a second run) sees a complete entry or none. Two processes may compute the same entry at
+once, harmlessly; under DDP let rank 0 `prepare` first, then the others (all cache hits).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import secrets
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from glmae.config import DataConfig
+from glmae.data.formats import Case
+from glmae.data.validate import (
+    READ_ERRORS,
+    check_headers,
+    label_problems,
+    nonfinite_problem,
+    unreadable,
+)
+from glmae.errors import InputError
+
+FORMAT_VERSION = 1  # bump when the pipeline changes what it writes
+INTENSITY_MODES = ("auto", "ct", "mri", "none")
+
+
+@dataclass
+class Volume:
+    """A preprocessed case. Arrays from the cache are read-only memory maps: copy before writing."""
+
+    case_id: str
+    image: np.ndarray  # (C, X, Y, Z) float32, RAS, target spacing, normalised
+    label: np.ndarray | None  # (X, Y, Z) uint8 / int16; None if unlabelled or not requested
+    affine: np.ndarray  # (4, 4) float64 affine of the preprocessed grid
+    foreground_box: tuple[tuple[int, int], ...]  # [start, stop) of the body per spatial axis
+    source: dict  # "files": path, shape, affine, orientation of each input; "grid": resampled shape, crop
+
+    def __getstate__(self) -> dict:
+        # Memory maps travel as their file names, so DataLoader workers started by spawn or
+        # forkserver map the cache too instead of receiving copies of the arrays.
+        state = dict(self.__dict__)
+        for name in ("image", "label"):
+            array = state[name]
+            if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap):  # a whole .npy
+                state[name] = _MappedFile(array.filename)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name in ("image", "label"):
+            if isinstance(state[name], _MappedFile):
+                state[name] = np.load(state[name].path, mmap_mode="r")
+        self.__dict__.update(state)
+
+
+@dataclass(frozen=True)
+class _MappedFile:
+    path: str
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """`cfg.cache_dir`, else $GLMAE_CACHE_DIR, else $XDG_CACHE_HOME/glmae or ~/.cache/glmae."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    if os.environ.get("GLMAE_CACHE_DIR"):
+        return Path(os.environ["GLMAE_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "glmae"
+
+
+def intensity_mode(cfg: DataConfig, modalities: tuple[str, ...]) -> str:
+    """`cfg.intensity` with auto resolved: ct if every channel is CT, else mri."""
+    if cfg.intensity not in INTENSITY_MODES:
+        raise InputError(
+            f"config: data.intensity: expected one of {', '.join(INTENSITY_MODES)}, got {cfg.intensity!r}"
+        )
+    if cfg.intensity == "auto":
+        return "ct" if all(m.upper() == "CT" for m in modalities) else "mri"
+    return cfg.intensity
+
+
+class Preprocessor:
+    """Case -> Volume through the cache. `modalities` is the data set's (one name per channel)."""
+
+    def __init__(self, cfg: DataConfig, modalities: tuple[str, ...]):
+        from monai.data import NibabelReader
+        from monai.transforms import LoadImage
+
+        if cfg.spacing is not None and min(cfg.spacing) <= 0:
+            raise InputError(f"config: data.spacing: expected positive millimetres, got {list(cfg.spacing)}")
+        if cfg.ct_window[0] >= cfg.ct_window[1]:
+            raise InputError(f"config: data.ct_window: expected [low, high], got {list(cfg.ct_window)}")
+        self.cfg = cfg
+        self.modalities = tuple(modalities)
+        self.mode = intensity_mode(cfg, self.modalities)
+        self.cache = cache_root(cfg) / f"v{FORMAT_VERSION}"
+        self.settings = {
+            "spacing": None if cfg.spacing is None else list(cfg.spacing),
+            "intensity": self.mode,
+            "ct_window": list(cfg.ct_window),
+            "crop_foreground": cfg.crop_foreground,
+            "modalities": list(self.modalities),
+        }
+        self._load_image = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
+        self._reader = NibabelReader()
+
+    def __call__(self, case: Case, with_label: bool = True) -> Volume:
+        """The case's Volume, from the cache or computed into it. `with_label=False` never opens the label."""
+        with_label = with_label and case.label is not None
+        key = _key(self.settings, case.images)
+        meta_path, image_path = self.cache / f"{key}.json", self.cache / f"{key}.image.npy"
+        label_path = self.cache / f"{_key({'image': key}, (case.label,))}.label.npy" if with_label else None
+        image_cached = meta_path.is_file() and image_path.is_file()
+        if not image_cached or (label_path is not None and not label_path.is_file()):
+            opened, problems = check_headers(case, len(self.modalities), with_label)
+            if problems:
+                raise problems[0]
+            _make_dir(self.cache)
+            if not image_cached:
+                image, meta = self._image(case, opened)
+                _save(image_path, image)
+                _save(meta_path, meta)  # last: its presence marks a complete entry
+            if label_path is not None and not label_path.is_file():
+                _save(label_path, self._label(case.label, json.loads(meta_path.read_text())))
+        meta = json.loads(meta_path.read_text())
+        return Volume(
+            case_id=case.id,
+            image=np.load(image_path, mmap_mode="r"),
+            label=None if label_path is None else np.load(label_path, mmap_mode="r"),
+            affine=np.array(meta["affine"], dtype=np.float64),
+            foreground_box=tuple((int(a), int(b)) for a, b in meta["foreground_box"]),
+            source=meta["source"],
+        )
+
+    def prepare(self, cases: list[Case], with_label: bool = True, progress: bool = True) -> list[Volume]:
+        """Preprocess every case into the cache once; Volumes memory-map the cached arrays, so
+        DataLoader workers share them through the page cache instead of each holding copies."""
+        from rich.console import Console
+        from rich.progress import track
+
+        steps = track(
+            cases, "preprocessing", console=Console(stderr=True), transient=True, disable=not progress
+        )
+        return [self(case, with_label) for case in steps]
+
+    # ------------------------------------------------------------------------------------------
+
+    def _load(self, path: Path):
+        """(C, X, Y, Z) float32 MetaTensor in the file's own orientation; its affine is world RAS."""
+        try:
+            x = self._load_image(path, reader=self._reader)
+        except READ_ERRORS as err:
+            raise unreadable(err, path) from None
+        problem = nonfinite_problem(x.array, path)
+        if problem:
+            raise problem
+        return x
+
+    def _resample(self, x, mode: str):
+        from monai.transforms import Orientation, Spacing
+
+        x = Orientation(axcodes="RAS", labels=None)(x)
+        return x if self.cfg.spacing is None else Spacing(pixdim=self.cfg.spacing, mode=mode)(x)
+
+    def _image(self, case: Case, opened: dict[Path, nib.Nifti1Image]) -> tuple[np.ndarray, dict]:
+        from monai.transforms import CropForeground, NormalizeIntensity, ScaleIntensityRange, SpatialCrop
+
+        channels = []
+        for path in case.images:
+            x = self._load(path)
+            if float(x.min()) == float(x.max()):
+                warnings.warn(
+                    f"{path}: every voxel is {float(x.min()):g}: the image carries no information",
+                    stacklevel=2,
+                )
+            channels.append(x)
+        x = self._resample(torch.cat(channels) if len(channels) > 1 else channels[0], "bilinear")
+        shape = list(x.shape[1:])
+
+        low, high = self.cfg.ct_window
+        body = partial(_above, low) if self.mode == "ct" else _nonzero
+        start, stop = CropForeground(select_fn=body, allow_smaller=True).compute_bounding_box(x)
+        start, stop = [int(v) for v in start], [int(v) for v in stop]
+        if any(a >= b for a, b in zip(start, stop, strict=True)):  # no body found: keep everything
+            start, stop = [0, 0, 0], shape
+
+        if self.mode == "ct":
+            x = ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)(x)
+        elif self.mode == "mri":
+            x = NormalizeIntensity(nonzero=True, channel_wise=True)(x)
+        crop = (start, stop) if self.cfg.crop_foreground else ([0, 0, 0], shape)
+        x = SpatialCrop(roi_start=crop[0], roi_end=crop[1])(x)
+
+        files = [
+            {
+                "path": str(path),
+                "shape": list(opened[path].shape),
+                "affine": opened[path].affine.tolist(),
+                "orientation": "".join(nib.aff2axcodes(opened[path].affine)),
+            }
+            for path in case.images
+        ]
+        meta = {
+            "affine": x.affine.numpy().tolist(),
+            "foreground_box": [[a - c, b - c] for a, b, c in zip(start, stop, crop[0], strict=True)],
+            "source": {"files": files, "grid": {"resampled_shape": shape, "crop": [crop[0], crop[1]]}},
+            "settings": self.settings,
+        }
+        return np.ascontiguousarray(x.array, dtype=np.float32), meta
+
+    def _label(self, path: Path, meta: dict) -> np.ndarray:
+        """The label on the cached image grid: its affine matched the image's (checked), so the
+        image's is used, which makes both land on exactly the same voxels."""
+        from monai.transforms import SpatialCrop
+
+        y = self._load(path)
+        y.affine = torch.as_tensor(meta["source"]["files"][0]["affine"], dtype=torch.float64)
+        y = self._resample(y, "nearest")
+        start, stop = meta["source"]["grid"]["crop"]
+        y = SpatialCrop(roi_start=start, roi_end=stop)(y).array[0]
+        rounded = np.rint(y)
+        if y.size and (y.min() < 0 or not np.array_equal(rounded, y)):
+            raise label_problems(np.unique(y), set(), path)[0]
+        high = y.max(initial=0)
+        return rounded.astype(np.uint8 if high < 256 else np.int16 if high < 2**15 else np.int32)
+
+
+def _above(low: float, x):  # the body, as CropForeground's select_fn
+    return x > low
+
+
+def _nonzero(x):
+    return x != 0
+
+
+def _key(payload: dict, files: tuple[Path, ...]) -> str:
+    fingerprint = []
+    for path in files:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise InputError("file not found", path) from None
+        fingerprint.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    text = json.dumps([FORMAT_VERSION, payload, fingerprint], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create the preprocessing cache folder: {err.strerror}", path) from None
+
+
+def _save(path: Path, data) -> None:
+    """Write a .npy array or a JSON object atomically: a temporary name, then rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(data, np.ndarray):
+                np.save(f, data)
+            else:
+                f.write(json.dumps(data).encode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,289 @@
+"""Checks on the files of a data set, and `glmae info`.
+
+`check_headers` reads NIfTI headers only (fast) and is run before every case is preprocessed;
+`info` adds the checks that need the voxels (NaN/Inf, label values) and lists every problem.
+
+Geometry: the channel files and the label of a case must have the same spatial shape and affine.
+Affines agree when every entry differs by at most 1e-3 x (|entry| + largest voxel size), so float32
+rounding and tools that rewrite headers pass, while a shift of a voxel or a flipped axis does not.
+
+A constant image (every voxel equal) is a warning, not a problem: it is valid data that carries no
+information, and one such case should not stop a run over thousands.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+from glmae.data.formats import Case, DataSet, is_nifti, scan_dataset
+from glmae.errors import InputError
+
+AFFINE_TOLERANCE = 1e-3
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
+
+
+def read_header(path: Path) -> nib.Nifti1Image:
+    """The image with its header read and voxels not. InputError if missing, not NIfTI or truncated."""
+    if not path.is_file():
+        raise InputError("file not found", path)
+    if not is_nifti(path):
+        raise InputError("unsupported format: only NIfTI (.nii, .nii.gz) is read", path)
+    try:
+        img = nib.load(path)
+    except READ_ERRORS as err:
+        if _gzip_ends_early(path):  # nibabel only says it cannot work out the file type
+            raise InputError("truncated file: the gzip stream ends early", path) from None
+        raise InputError(f"unreadable NIfTI: {_reason(err)}", path) from None
+    if path.suffix == ".nii":  # uncompressed: a cut file is visible from its size
+        expected = img.dataobj.offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+        if path.stat().st_size < expected:
+            raise InputError(f"truncated: {path.stat().st_size} bytes, the header implies {expected}", path)
+    return img
+
+
+def read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
+    """All voxels (scaled as the header says). InputError for a truncated or corrupt file."""
+    try:
+        return np.asanyarray(img.dataobj)
+    except READ_ERRORS as err:
+        raise unreadable(err, path) from None
+
+
+def unreadable(err: Exception, path: Path) -> InputError:
+    return InputError(f"unreadable voxel data (truncated file?): {_reason(err)}", path)
+
+
+def _gzip_ends_early(path: Path) -> bool:
+    if path.suffix != ".gz":
+        return False
+    try:
+        with gzip.open(path) as f:
+            while f.read(1 << 24):
+                pass
+    except EOFError:
+        return True
+    except (OSError, zlib.error):
+        return False
+    return False
+
+
+def _reason(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
+    voxel = np.linalg.norm(np.asarray(b)[:3, :3], axis=0).max()
+    return bool(np.all(np.abs(a - b) <= AFFINE_TOLERANCE * (np.abs(b) + voxel)))
+
+
+def check_headers(
+    case: Case, n_channels: int, with_label: bool = True
+) -> tuple[dict[Path, nib.Nifti1Image], list[InputError]]:
+    """Open the case's files (headers only) and check dimensions and geometry.
+
+    Returns the images that could be opened and the problems found. A case holds one 3D file per
+    channel, or one 4D file with the `n_channels` channels on its last axis. With
+    `with_label=False` the label file is not touched.
+    """
+    problems = []
+    if len(case.images) not in (1, n_channels):
+        problems.append(
+            InputError(
+                f"case {case.id!r} has {len(case.images)} image files for {n_channels} declared channels",
+                case.images[0],
+            )
+        )
+    per_file = n_channels if len(case.images) == 1 else 1
+    opened: dict[Path, nib.Nifti1Image] = {}
+    shaped = []  # opened files of the right dimensions
+    for path in case.images:
+        try:
+            opened[path] = img = read_header(path)
+        except InputError as err:
+            problems.append(err)
+            continue
+        if _has_channels(img.shape, per_file):
+            shaped.append((path, img))
+        else:
+            expected = f"a 4D image with {per_file} channels last" if per_file > 1 else "a 3D volume"
+            problems.append(InputError(f"is {len(img.shape)}D {img.shape}, expected {expected}", path))
+    if with_label and case.label is not None:
+        try:
+            opened[case.label] = label = read_header(case.label)
+            if _has_channels(label.shape, 1):
+                shaped.append((case.label, label))
+            else:
+                problems.append(
+                    InputError(
+                        f"label is {len(label.shape)}D {label.shape}, expected a 3D volume", case.label
+                    )
+                )
+        except InputError as err:
+            problems.append(err)
+    if shaped:  # geometry: against the first well-shaped image file
+        ref_path, ref = shaped[0]
+        for path, img in shaped[1:]:
+            if img.shape[:3] != ref.shape[:3]:
+                problems.append(
+                    InputError(f"shape {img.shape[:3]} differs from {ref_path} {ref.shape[:3]}", path)
+                )
+            elif not affines_match(img.affine, ref.affine):
+                problems.append(
+                    InputError(
+                        f"affine differs from {ref_path}: {_affine_text(img.affine)} vs "
+                        f"{_affine_text(ref.affine)}",
+                        path,
+                    )
+                )
+    return opened, problems
+
+
+def _has_channels(shape: tuple[int, ...], n: int) -> bool:
+    if n == 1:
+        return len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)
+    return len(shape) == 4 and shape[3] == n
+
+
+def _affine_text(affine: np.ndarray) -> str:
+    return str(np.round(np.asarray(affine)[:3], 3).tolist())
+
+
+def nonfinite_problem(array: np.ndarray, path: Path) -> InputError | None:
+    if array.dtype.kind != "f":
+        return None
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    return InputError(f"{bad} NaN/Inf voxels", path) if bad else None
+
+
+def label_values(array: np.ndarray) -> np.ndarray:
+    """Distinct values of a label volume (bincount for integers: much faster than np.unique)."""
+    if array.dtype.kind in "ui" and array.size and array.min() >= 0 and array.max() < 2**16:
+        return np.flatnonzero(np.bincount(array.ravel()))
+    return np.unique(array)
+
+
+def label_problems(values: np.ndarray, declared: set[int], path: Path) -> list[InputError]:
+    problems = []
+    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)) or np.any(values < 0):
+        problems.append(InputError(f"label values must be whole numbers >= 0, found {_few(values)}", path))
+    elif declared:
+        undeclared = sorted(set(values.astype(int).tolist()) - declared)
+        if undeclared:
+            problems.append(
+                InputError(f"label values {_few(np.array(undeclared))} not declared in `labels`", path)
+            )
+    return problems
+
+
+def _few(values: np.ndarray, n: int = 8) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:n].tolist())
+    return shown + (f", ... ({len(values)} values)" if len(values) > n else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# glmae info
+
+
+def info(source: str) -> int:
+    """Print a table of the cases and a summary; list every problem on stderr; return their number."""
+    from rich.console import Console
+    from rich.progress import track
+
+    dataset, problems = scan_dataset(source)
+    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    if not out.is_terminal:  # a pipe or file: wide rows rather than wrapped cells
+        out.width = max(out.width, 160)
+    rows, warnings = [], []
+    progress = track(dataset.cases, "reading", console=err, transient=True, disable=len(dataset.cases) < 20)
+    for case in progress:
+        row, case_problems, case_warnings = _inspect(case, dataset)
+        rows.append(row)
+        problems += case_problems
+        warnings += case_warnings
+    out.print(_table(rows))
+    out.print(_summary(dataset), markup=False)
+    for warning in warnings:
+        err.print(f"glmae: warning: {warning}", markup=False, soft_wrap=True)
+    for problem in problems:
+        err.print(f"glmae: error: {problem}", markup=False, soft_wrap=True)
+    if problems:
+        err.print(f"glmae: {len(problems)} problem{'s' * (len(problems) > 1)} found", markup=False)
+    return len(problems)
+
+
+def _inspect(case: Case, dataset: DataSet) -> tuple[list[str], list[InputError], list[str]]:
+    """Table row, problems and warnings of one case; reads every voxel."""
+    opened, problems = check_headers(case, len(dataset.modalities))
+    row = [case.id, case.split, "?", "?", "?", "?", "?", "?", "-" if case.label is None else "?"]
+    warnings = []
+    images = [(p, opened[p]) for p in case.images if p in opened]
+    if images:
+        first = images[0][1]
+        channels = first.shape[3] if len(first.shape) == 4 and len(case.images) == 1 else len(case.images)
+        row[2:6] = [
+            str(channels),
+            "x".join(map(str, first.shape[:3])),
+            "x".join(f"{z:.3g}" for z in first.header.get_zooms()[:3]),
+            "".join(nib.aff2axcodes(first.affine)),
+        ]
+    lows, highs = [], []
+    for path, img in images:
+        try:
+            array = read_voxels(img, path)
+        except InputError as e:
+            problems.append(e)
+            continue
+        problem = nonfinite_problem(array, path)
+        if problem:
+            problems.append(problem)
+            array = array[np.isfinite(array)]
+        if array.size:
+            lows.append(float(array.min()))
+            highs.append(float(array.max()))
+            if lows[-1] == highs[-1]:
+                warnings.append(f"{path}: every voxel is {lows[-1]:g}: the image carries no information")
+    if lows:
+        row[6:8] = [f"{min(lows):.4g}", f"{max(highs):.4g}"]
+    if case.label in opened:
+        try:
+            values = label_values(read_voxels(opened[case.label], case.label))
+            problems += label_problems(values, dataset.label_values, case.label)
+            row[8] = _few(values)
+        except InputError as e:
+            problems.append(e)
+    return row, problems, warnings
+
+
+def _table(rows: list[list[str]]):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold")
+    for name in ("case", "split", "ch", "shape", "spacing (mm)", "orient", "min", "max", "labels"):
+        table.add_column(
+            name, no_wrap=name != "labels", justify="right" if name in ("min", "max") else "left"
+        )
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))
+    return table
+
+
+def _summary(dataset: DataSet) -> str:
+    splits = ", ".join(
+        f"{len(dataset.split(s))} {s}" for s in ("training", "validation", "test") if dataset.split(s)
+    )
+    labels = ", ".join(f"{k} {v}" for k, v in sorted(dataset.labels.items())) or "none declared"
+    if dataset.regions:
+        labels += "; regions: " + ", ".join(f"{k} {list(v)}" for k, v in dataset.regions.items())
+    return (
+        f"{dataset.format} data set {dataset.name!r} at {dataset.root}: "
+        f"{len(dataset.cases)} cases ({splits}), {len(dataset.labelled)} labelled; "
+        f"channels: {', '.join(dataset.modalities)}; labels: {labels}"
+    )
