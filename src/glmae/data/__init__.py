@@ -1,0 +1,1 @@
+"""Data: formats, preprocessing with a disk cache, checks and `glmae info`."""
