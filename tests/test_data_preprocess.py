@@ -190,6 +190,22 @@ def test_cache_is_reused_and_invalidated(tmp_path, write_nifti, cfg, spy):
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_an_interrupted_write_leaves_no_entry(tmp_path, write_nifti, cfg, spy, monkeypatch):
+    case = _case(write_nifti(tmp_path / "im.nii.gz", _noise((6, 6, 6))))
+
+    def crash(file, *args, **kwargs):
+        file.write(b"\x93NUMPY half an array")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(np, "save", crash)
+        with pytest.raises(KeyboardInterrupt):
+            Preprocessor(cfg, ("CT",))(case)
+    assert list((tmp_path / "cache").rglob("*")) == [tmp_path / "cache" / "v1"]  # no temporary file left
+    vol = Preprocessor(cfg, ("CT",))(case)
+    assert spy["image"] == 2 and vol.image.shape == (1, 6, 6, 6)
+
+
 def test_labels_are_added_to_a_cached_image(tmp_path, write_nifti, cfg, spy):
     label = np.zeros((8, 8, 8), np.uint8)
     label[2:5] = 3

@@ -208,7 +208,7 @@ def info(source: str) -> int:
         problems += case_problems
         warnings += case_warnings
     out.print(_table(rows))
-    out.print(_summary(dataset), markup=False)
+    out.print(_summary(dataset), markup=False, soft_wrap=True)
     for warning in warnings:
         err.print(f"glmae: warning: {warning}", markup=False, soft_wrap=True)
     for problem in problems:
@@ -279,11 +279,14 @@ def _summary(dataset: DataSet) -> str:
     splits = ", ".join(
         f"{len(dataset.split(s))} {s}" for s in ("training", "validation", "test") if dataset.split(s)
     )
+    channels = ", ".join(dataset.modalities)
+    if set(dataset.modalities) == {"unknown"}:
+        channels += " (data.intensity=auto normalises them as MRI; set data.intensity=ct for CT)"
     labels = ", ".join(f"{k} {v}" for k, v in sorted(dataset.labels.items())) or "none declared"
     if dataset.regions:
         labels += "; regions: " + ", ".join(f"{k} {list(v)}" for k, v in dataset.regions.items())
     return (
         f"{dataset.format} data set {dataset.name!r} at {dataset.root}: "
         f"{len(dataset.cases)} cases ({splits}), {len(dataset.labelled)} labelled; "
-        f"channels: {', '.join(dataset.modalities)}; labels: {labels}"
+        f"channels: {channels}; labels: {labels}"
     )
