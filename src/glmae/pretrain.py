@@ -86,7 +86,7 @@ def pretrain(cfg: Config, data: str, out: str | Path, resume: bool = False) -> P
         path = out / "encoder.safetensors"
         if env.is_main:
             step = cfglib.steps_for_epochs(cfg, len(samples), env.world_size)
-            checkpoint.save_encoder(model.encoder.state_dict(), encoder_meta(cfg, step), path)
+            checkpoint.save_encoder(model.export_encoder.state_dict(), encoder_meta(cfg, step), path)
         distributed.barrier(env)
         return path
     finally:

@@ -2,11 +2,13 @@
 
 Each method is an `nn.Module` built as `Method(encoder_cfg, method_cfg)` with `sampler()` (a pure
 `(volume, rng) -> sample` function run in DataLoader workers), `forward(batch) -> (loss, logs)`,
-optional `after_step(step, total)` and `figure(batch, path)`, and an `encoder` to export.
+optional `after_step(step, total)` and `figure(batch, path)`, and an `export_encoder` whose weights
+become `encoder.safetensors`.
 """
 
+from glmae.methods.glmae import GLMAE, GLMAEConfig
 from glmae.methods.mae3d import MAE3D, MAE3DConfig
 
-PRETRAINING = {"mae3d": MAE3D}
+PRETRAINING = {"mae3d": MAE3D, "glmae": GLMAE}
 
-__all__ = ["PRETRAINING", "MAE3D", "MAE3DConfig"]
+__all__ = ["PRETRAINING", "GLMAE", "GLMAEConfig", "MAE3D", "MAE3DConfig"]

@@ -58,6 +58,11 @@ class MaskedAutoencoder(nn.Module):
             encoder.width, decoder_width, decoder_depth, decoder_heads, encoder.patch_size, encoder.in_channels
         )
 
+    @property
+    def export_encoder(self) -> nn.Module:
+        """The encoder written to encoder.safetensors."""
+        return self.encoder
+
     def reconstruct(self, images: torch.Tensor, keep: torch.Tensor, masked: torch.Tensor):
         """images (N, C, X, Y, Z), keep (N, K), masked (N, M) -> (loss, predictions (N, M, C·p³),
         visible-token features (N, K, D))."""
