@@ -91,13 +91,11 @@ class _SmoothField:
 
     def grid(self, x, y, z) -> np.ndarray:
         """Displacement (3, len(x), len(y), len(z)) on the grid spanned by 1-D axes x, y, z."""
-        out = np.zeros((3, len(x), len(y), len(z)), np.float32)
-        for c in range(3):
-            for t in range(self.k.shape[1]):
-                fx, fy, fz = (np.cos(self.k[c, t, i] * ax + self.phase[c, t, i]).astype(np.float32)
-                              for i, ax in enumerate((x, y, z)))
-                out[c] += self.amp[c, t] * fx[:, None, None] * fy[None, :, None] * fz[None, None, :]
-        return out
+        fx, fy, fz = (np.cos(self.k[..., i, None] * np.asarray(ax, float) + self.phase[..., i, None])
+                      for i, ax in enumerate((x, y, z)))  # (3, terms, n) each
+        xy = (self.amp[..., None, None] * fx[..., :, None] * fy[..., None, :]).reshape(3, len(self.amp[0]), -1)
+        d = np.einsum("ctp,ctz->cpz", xy.astype(np.float32), fz.astype(np.float32))
+        return d.reshape(3, len(x), len(y), len(z))
 
     def at(self, pts: np.ndarray) -> np.ndarray:
         """Displacement (N, 3) at points (N, 3)."""
@@ -138,7 +136,7 @@ class _Phantom:
         """Index slices of the world box [lo - margin, hi + margin] (mm), one voxel more."""
         i0 = np.floor((np.asarray(lo) - margin - self.affine[:3, 3]) / self.spacing).astype(int)
         i1 = np.ceil((np.asarray(hi) + margin - self.affine[:3, 3]) / self.spacing).astype(int) + 1
-        return tuple(slice(int(np.clip(a, 0, n)), int(np.clip(b, 0, n))) for a, b, n in zip(i0, i1, self.shape))
+        return tuple(slice(max(0, min(int(a), n)), max(0, min(int(b), n))) for a, b, n in zip(i0, i1, self.shape))
 
     def coords(self, lo, hi, wobble: float = 0.0, wavelength=(25.0, 60.0)):
         """Box of the world extent [lo, hi] and the warped (X, Y, Z) in it, plus the structure's
@@ -221,7 +219,7 @@ class _Phantom:
 
 def _noise(rng, shape, sigma: float) -> np.ndarray:
     """Gaussian-smoothed white noise with unit standard deviation, (X, Y, Z) float32."""
-    n = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma)
+    n = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, truncate=3.0)
     return n / max(float(n.std()), 1e-6)
 
 
