@@ -30,11 +30,11 @@ def _save(fig, path: Path) -> None:
     atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
 
 
-def orthogonal_slices(volume: np.ndarray) -> list[np.ndarray]:
-    """(X, Y, Z) RAS -> axial, coronal, sagittal slices through the centre, oriented for display
-    (anterior / superior up, patient right on the viewer's left, sagittal facing left, as
-    radiologists read)."""
-    x, y, z = (s // 2 for s in volume.shape)
+def orthogonal_slices(volume: np.ndarray, at: Sequence[int] | None = None) -> list[np.ndarray]:
+    """(X, Y, Z) RAS -> axial, coronal, sagittal slices through voxel `at` (default the centre),
+    oriented for display (anterior / superior up, patient right on the viewer's left, sagittal
+    facing left, as radiologists read)."""
+    x, y, z = (s // 2 for s in volume.shape) if at is None else at
     axial = volume[:, :, z].T[::-1, ::-1]  # rows: anterior up; cols: right on the left
     coronal = volume[:, y, :].T[::-1, ::-1]
     sagittal = volume[x, :, :].T[::-1, ::-1]
@@ -79,6 +79,44 @@ def curves_figure(series: dict[str, tuple[Sequence[float], Sequence[float]]], pa
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def bar_figure(values: dict[str, float], path: Path, title: str = "", ylabel: str = "") -> None:
+    """One bar per named value (e.g. Dice per class), the value written above it."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(values) + 1.5), 3.5))
+    bars = ax.bar(range(len(values)), list(values.values()), color="#4c78a8")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(values)), list(values), rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def overlay_figure(image: np.ndarray, labels: np.ndarray, path: Path, title: str = "") -> None:
+    """Axial, coronal and sagittal slices of an (X, Y, Z) RAS image with a label map (X, Y, Z) drawn
+    over it in colour, through the centre of the labelled voxels (of the volume if there are none)."""
+    plt = _figure()
+    centre = np.argwhere(labels > 0).mean(0).round().astype(int) if labels.any() else None
+    low, high = np.percentile(image, [1, 99])
+    shown = np.ma.masked_equal(labels, 0)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
+    for ax, plane, gray, mask in zip(
+        axes, ("axial", "coronal", "sagittal"), orthogonal_slices(image, centre), orthogonal_slices(shown, centre)
+    ):
+        ax.imshow(gray, cmap="gray", vmin=low, vmax=high if high > low else low + 1, interpolation="nearest")
+        ax.imshow(mask, cmap="tab20", vmin=1, vmax=20, alpha=0.5, interpolation="nearest")
+        ax.set_title(plane, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Pre-training methods. Importing this package registers their configs.
+"""Pre-training and fine-tuning methods. Importing this package registers their configs.
 
 Each method is an `nn.Module` built as `Method(encoder_cfg, method_cfg)` with `sampler()` (a pure
 `(volume, rng) -> sample` function run in DataLoader workers), `forward(batch) -> (loss, logs)`,
@@ -8,7 +8,10 @@ become `encoder.safetensors`.
 
 from glmae.methods.glmae import GLMAE, GLMAEConfig
 from glmae.methods.mae3d import MAE3D, MAE3DConfig
+from glmae.methods.segmentation import Segmenter
 
 PRETRAINING = {"mae3d": MAE3D, "glmae": GLMAE}
+# Fine-tuning: method name -> training module (its network is chosen by segmentation.NETWORKS)
+SEGMENTATION = {"unetr": Segmenter}
 
 __all__ = ["PRETRAINING", "GLMAE", "GLMAEConfig", "MAE3D", "MAE3DConfig"]

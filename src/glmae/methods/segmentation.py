@@ -1,0 +1,264 @@
+"""Supervised segmentation (fine-tuning): a network around a pretrained encoder, trained on
+label-balanced crops, validated by sliding-window inference.
+
+Targets, chosen by the config:
+
+- labels (softmax): one output channel per declared label value (`labels`, background 0 first, in
+  increasing value order). Label maps become class indices through a look-up table, so values need
+  not be contiguous (0, 1, 2, 4). Loss: MONAI `DiceCELoss(softmax, to_onehot_y)`.
+- regions (sigmoid, BraTS-style): one output channel per region, a region being a union of label
+  values that may overlap others (`regions: {TC: [1, 4], WT: [1, 2, 4], ET: [4]}`). Loss: MONAI
+  `DiceLoss(sigmoid)` + binary cross-entropy, nnU-Net's loss for regions (cross-entropy over
+  softmax would make overlapping regions compete).
+
+Sampling (a pure `(item, rng) -> sample` function run in DataLoader workers on the memory-mapped
+cache): a crop of `roi` centred, with probability `pos_fraction`, on a random foreground voxel
+(label > 0; listed once per volume by `foreground_points`), otherwise uniformly in the body's
+bounding box. This is MONAI's RandCropByPosNegLabel with pos:neg = pos_fraction : 1 - pos_fraction,
+except that negative centres come from the whole body rather than from background voxels only.
+Volumes smaller than the ROI are padded (image 0, label background). Then flips of image and label
+together (each axis with `flip_prob`, 0.2 as in the UNETR/SelfMedMAE recipes; a left-right flip
+swaps left and right organs) and intensity jitter: scale by 1 + U(-j, j), shift by U(-j, j), each
+with probability `jitter_prob` (MONAI's RandScaleIntensity / RandShiftIntensity).
+
+Inference: MONAI `sliding_window_inference` over the ROI with Gaussian blending; the windows run
+on the compute device, the stitched logits stay on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, DiceLoss
+from torch import nn
+
+from glmae.config import MethodConfig, OptimConfig, ViTConfig, register_method
+from glmae.data import sampling
+from glmae.engine.optim import param_groups
+from glmae.engine.trainer import autocast
+from glmae.errors import InputError
+from glmae.models.unetr import UNETR
+
+MODES = ("linear", "e2e")
+
+
+@register_method("unetr")
+@dataclass
+class SegmentationConfig(MethodConfig):
+    name: str = "unetr"
+    roi: tuple[int, int, int] = (96, 96, 96)  # training crop and sliding-window size, voxels
+    feature_size: int = 16
+    norm: str = "instance"
+    labels: dict[int, str] = field(default_factory=dict)  # value -> name; {} -> the data set's
+    regions: dict[str, list[int]] = field(default_factory=dict)  # name -> values; sigmoid outputs
+    pos_fraction: float = 0.5  # crops centred on foreground (pos:neg 1:1)
+    flip_prob: float = 0.2  # per spatial axis
+    jitter: float = 0.1  # intensity scale 1 ± j and shift ± j
+    jitter_prob: float = 0.1  # for the scale and for the shift, independently
+    sw_batch_size: int = 4  # windows per forward pass in sliding-window inference
+    sw_overlap: float = 0.5
+    # Filled by `glmae finetune` from its options, so that the run describes itself:
+    mode: str = "e2e"  # --mode: linear (encoder frozen) | e2e
+    init: str = "none"  # --init
+    label_fraction: float = 1.0  # --label-fraction
+    split_seed: int = 0  # --split-seed
+
+
+def _unetr(encoder: ViTConfig, cfg: SegmentationConfig, out_channels: int) -> nn.Module:
+    return UNETR(encoder, out_channels, cfg.feature_size, cfg.norm)
+
+
+# Method name -> network builder (encoder config, method config, output channels). A network
+# exposes `encoder` (the pretrained part), `num_layers` and `layer_of(name)` (layer-wise lr decay).
+NETWORKS = {"unetr": _unetr}
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets
+
+
+def out_channels(cfg: SegmentationConfig) -> int:
+    return len(cfg.regions) or len(cfg.labels)
+
+
+def class_names(cfg: SegmentationConfig) -> list[str]:
+    """The evaluated classes: the regions, else every label but background."""
+    if cfg.regions:
+        return list(cfg.regions)
+    return [cfg.labels[v] for v in sorted(cfg.labels) if v != 0]
+
+
+def lookup_table(cfg: SegmentationConfig) -> np.ndarray:
+    """Label value -> class index (output channel) for softmax targets."""
+    values = sorted(cfg.labels)
+    table = np.zeros(values[-1] + 1, dtype=np.uint8)
+    table[values] = np.arange(len(values))
+    return table
+
+
+def encode_target(label: np.ndarray, cfg: SegmentationConfig) -> np.ndarray:
+    """Label map (X, Y, Z) of values -> (1, X, Y, Z) class indices or (R, X, Y, Z) region masks, uint8."""
+    label = np.asarray(label)
+    if cfg.regions:
+        return np.stack([np.isin(label, values) for values in cfg.regions.values()]).astype(np.uint8)
+    return lookup_table(cfg)[label.astype(np.intp)][None]
+
+
+def decode_logits(logits: torch.Tensor, cfg: SegmentationConfig) -> torch.Tensor:
+    """Logits (K, X, Y, Z) -> the format of `encode_target`: (1, ...) argmax or (R, ...) logit > 0."""
+    if cfg.regions:
+        return (logits > 0).to(torch.uint8)
+    return logits.argmax(0, keepdim=True).to(torch.uint8)
+
+
+def label_map(decoded: np.ndarray, cfg: SegmentationConfig) -> np.ndarray:
+    """`decode_logits` output -> (X, Y, Z) map of the data set's label values.
+
+    Regions are painted from the largest to the smallest (WT, then TC, then ET), each with the
+    smallest of its values that no region inside it claims (WT [1, 2, 4] with TC [1, 4] inside
+    paints 2, TC paints 1, ET paints 4), which recovers BraTS labels as nnU-Net does."""
+    if not cfg.regions:
+        values = np.array(sorted(cfg.labels))
+        return values[decoded[0]].astype(_label_dtype(values.max()))
+    regions = sorted(cfg.regions.items(), key=lambda item: -len(item[1]))
+    out = np.zeros(decoded.shape[1:], dtype=_label_dtype(max(max(v) for _, v in regions)))
+    for name, values in regions:
+        inner = {v for other, vs in cfg.regions.items() if other != name and set(vs) < set(values) for v in vs}
+        value = min(set(values) - inner or set(values))
+        out[decoded[list(cfg.regions).index(name)] > 0] = value
+    return out
+
+
+def check_labels(volumes: list, cases: list, cfg: SegmentationConfig) -> None:
+    """InputError naming the label file of the first case holding a value the config does not declare."""
+    declared = set(cfg.labels) | {v for values in cfg.regions.values() for v in values} | {0}
+    for volume, case in zip(volumes, cases):
+        present = np.flatnonzero(np.bincount(np.asarray(volume.label).ravel()))
+        extra = sorted(set(present.tolist()) - declared)
+        if extra:
+            raise InputError(
+                f"label values {extra[:5]} are not declared (declared: {sorted(declared)}); "
+                f"fix the data set's `labels` or set method.labels / method.regions",
+                case.label,
+            )
+
+
+def _label_dtype(max_value: int) -> type:
+    return np.uint8 if max_value < 256 else np.int16
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+class TrainItem(NamedTuple):
+    volume: object  # glmae.data.preprocess.Volume with its label
+    points: np.ndarray  # (P, 3) int32 foreground voxels, see `foreground_points`
+
+
+def foreground_points(label: np.ndarray, max_points: int = 100_000) -> np.ndarray:
+    """(P, 3) int32 coordinates of voxels with label > 0, every k-th of them when there are more
+    than `max_points` (a uniform subset, small enough to send to every DataLoader worker)."""
+    index = np.flatnonzero(np.asarray(label) > 0)
+    if index.size > max_points:
+        index = index[:: -(-index.size // max_points)]
+    return np.stack(np.unravel_index(index, label.shape), axis=1).astype(np.int32)
+
+
+def sample_crop(item: TrainItem, rng: np.random.Generator, *, cfg: SegmentationConfig) -> dict:
+    """One training sample: {"image": (C, *roi) float32, "target": (1 or R, *roi) uint8}."""
+    volume, points = item
+    if len(points) and rng.random() < cfg.pos_fraction:
+        centre = points[rng.integers(len(points))]
+        region = [(int(c), int(c) + 1) for c in centre]
+    else:
+        region = volume.foreground_box
+    box = sampling.crop_box(volume.image.shape[1:], cfg.roi, rng, region)
+    image = sampling.crop(volume.image, box)
+    label = sampling.crop(volume.label[None], box)[0]  # padding is background
+    axes = sampling.flip_axes(rng, cfg.flip_prob)
+    image, label = sampling.flip(image, axes), sampling.flip(label, axes)
+    if rng.random() < cfg.jitter_prob:
+        image = image * np.float32(1 + rng.uniform(-cfg.jitter, cfg.jitter))
+    if rng.random() < cfg.jitter_prob:
+        image = image + np.float32(rng.uniform(-cfg.jitter, cfg.jitter))
+    return {"image": image, "target": encode_target(label, cfg)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The training module
+
+
+class Segmenter(nn.Module):
+    """`net` (e.g. UNETR) + loss. forward(batch) -> (loss, logs) for the engine.
+
+    In linear mode the encoder is frozen: no gradients, no optimiser state, and kept in eval mode
+    (no drop-path) even when the engine calls `train()`.
+    """
+
+    def __init__(self, encoder: ViTConfig, cfg: SegmentationConfig):
+        super().__init__()
+        if cfg.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+        self.cfg = cfg
+        self.net = NETWORKS[cfg.name](encoder, cfg, out_channels(cfg))
+        self.frozen = cfg.mode == "linear"
+        if self.frozen:
+            self.net.encoder.requires_grad_(False)
+        if cfg.regions:
+            self.dice = DiceLoss(sigmoid=True)
+        else:
+            self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def train(self, mode: bool = True) -> Segmenter:
+        super().train(mode)
+        if self.frozen:
+            self.net.encoder.eval()
+        return self
+
+    def sampler(self):
+        return functools.partial(sample_crop, cfg=self.cfg)
+
+    def param_groups(self, optim: OptimConfig) -> list[dict]:
+        """Trainable parameters with weight decay and layer-wise lr decay (`optim.layer_decay`)."""
+        return param_groups(
+            self, optim.weight_decay, optim.layer_decay,
+            lambda name: self.net.layer_of(name.removeprefix("net.")), self.net.num_layers,
+        )
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """logits (N, K, X, Y, Z) float32, target (N, 1 or R, X, Y, Z) from `encode_target`."""
+        if self.cfg.regions:
+            target = target.float()
+            return self.dice(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+        return self.dice_ce(logits, target.long())
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        logits = self.net(batch["image"])
+        with torch.autocast(logits.device.type, enabled=False):
+            return self.loss(logits.float(), batch["target"]), {}
+
+
+@torch.inference_mode()
+def infer(net: nn.Module, image: np.ndarray, cfg: SegmentationConfig, device: torch.device,
+          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sliding-window logits (K, X, Y, Z), float32 on the CPU, of a (C, X, Y, Z) image; windows of
+    `roi` overlapping by `sw_overlap`, Gaussian blending. The image may be smaller than the ROI."""
+    from monai.inferers import sliding_window_inference
+
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[None]
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        with autocast(device, dtype):
+            return net(windows).float()
+
+    logits = sliding_window_inference(
+        x, cfg.roi, cfg.sw_batch_size, predictor, overlap=cfg.sw_overlap, mode="gaussian",
+        sw_device=device, device="cpu",
+    )
+    return logits[0]
