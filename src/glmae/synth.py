@@ -722,8 +722,9 @@ def write_dataset(out_dir: str | Path, cases: int = 10, seed: int = 0,
             if all(f.exists() for f in files) and (png.exists() or not preview):
                 continue
             case = generate_case(case_seed(seed, i), shape)
-            _save_nifti(case.image, case.affine, files[0])
-            _save_nifti(case.label, case.affine, files[1])
+            for array, f in zip(case[:2], files):
+                if not f.exists():
+                    _save_nifti(array, case.affine, f)
             if preview:
                 save_preview(case, png)
     console.print(f"glmae synth: {cases} cases in {out} ({time.perf_counter() - start:.1f} s)", highlight=False)
