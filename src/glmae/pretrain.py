@@ -26,6 +26,7 @@ def prepare_run_dir(out: Path, resume: bool, cfg: Config, env: DistEnv) -> None:
         raise InputError("--resume: no checkpoint to resume from (checkpoints/last.pt is missing)", out)
     if not resume and (last.exists() or (out / "config.yaml").exists()):
         raise InputError("already holds a run; pass --resume to continue it or choose another --out", out)
+    distributed.barrier(env)  # every rank has looked before the main one writes config.yaml
     if env.is_main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         text = cfglib.dump_yaml(cfg).encode()
