@@ -166,3 +166,17 @@ def test_region_based_multichannel_training_and_prediction(tmp_path, run_cli):
     assert masks == ["case0.nii.gz", "case1.nii.gz", "case2.nii.gz"]
     mask = nib.load(tmp_path / "pred" / "case0.nii.gz")
     assert mask.shape == (24, 24, 16) and set(np.unique(mask.get_fdata())) <= {0, 1, 3}
+
+
+def test_resolve_records_options_labels_regions_and_intensity():
+    from glmae.finetune import resolve
+
+    dataset = _dataset(3)
+    cfg = resolve(load_config("unetr_tiny", ["method.regions={TC: [1, 4], ET: [4]}"]), dataset, "enc.safetensors",
+                  "linear", 0.5, 7)
+    m = cfg.method
+    assert m.regions == {"TC": [1, 4], "ET": [4]} and m.labels == {0: "background", 1: "x"}
+    assert (m.mode, m.init, m.label_fraction, m.split_seed) == ("linear", "enc.safetensors", 0.5, 7)
+    assert cfg.data.intensity == "ct"
+    with pytest.raises(InputError, match="multiples of the patch size"):
+        resolve(load_config("unetr_tiny", ["method.roi=[60,64,48]"]), dataset, "none", "e2e", 1.0, 0)
