@@ -41,8 +41,10 @@ def param_groups(
     return list(groups.values())
 
 
-def build_optimizer(groups: list[dict], cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, fused=fused or None)
+def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over each parameter; several times faster than the
+    per-operation update on CPU, where the update of a ViT-B is memory-bound)."""
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, fused=True)
 
 
 def peak_lr(cfg: OptimConfig, effective_batch: int) -> float:

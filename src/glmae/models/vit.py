@@ -60,7 +60,13 @@ class Attention(nn.Module):
         n, length, width = x.shape
         qkv = self.qkv(x).reshape(n, length, 3, self.heads, width // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, heads, L, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if x.device.type == "cpu" and q.dtype != torch.float32:
+            # on CPU the reduced-precision attention kernels are slower than fp32 ones for the
+            # short token sequences of 3D MAE (benchmarks/pretrain_throughput.py); q, k, v are small
+            with torch.autocast("cpu", enabled=False):
+                x = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(x.transpose(1, 2).reshape(n, length, width))
 
 
