@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,14 +22,14 @@ app = typer.Typer(
 )
 
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a config field: key=value (repeatable).")
+    list[str] | None, typer.Option("--set", help="Override a config field: key=value (repeatable).")
 ]
 ConfigOpt = Annotated[str, typer.Option("--config", help="Packaged config name or YAML file.")]
 DataOpt = Annotated[
     str, typer.Option("--data", help="MSD folder or dataset.json, nnU-Net folder, datalist JSON, folder or glob.")
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder.")]
-MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimiser steps.")]
+MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimiser steps.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.pt.")]
 
 
@@ -48,7 +48,7 @@ def synth(
     cases: Annotated[int, typer.Option("--cases", min=1, help="Number of cases.")] = 10,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same arrays.")] = 0,
     shape: Annotated[
-        Optional[tuple[int, int, int]], typer.Option("--shape", help="Volume shape X Y Z.")
+        tuple[int, int, int] | None, typer.Option("--shape", help="Volume shape X Y Z.")
     ] = None,
     preview: Annotated[bool, typer.Option("--preview", help="Also write a PNG preview per case.")] = False,
 ):
