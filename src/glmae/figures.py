@@ -86,15 +86,27 @@ def curves_figure(series: dict[str, tuple[Sequence[float], Sequence[float]]], pa
 
 def bar_figure(values: dict[str, float], path: Path, title: str = "", ylabel: str = "") -> None:
     """One bar per named value (e.g. Dice per class), the value written above it."""
+    grouped_bar_figure({"": values}, path, title, ylabel)
+
+
+def grouped_bar_figure(series: dict[str, dict[str, float]], path: Path, title: str = "", ylabel: str = "") -> None:
+    """Bars per category for each named series (e.g. Dice per organ for two models), side by side."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(values) + 1.5), 3.5))
-    bars = ax.bar(range(len(values)), list(values.values()), color="#4c78a8")
-    ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(range(len(values)), list(values), rotation=45, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
+    names = list(next(iter(series.values())))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(names) * max(1, len(series) * 0.7) + 1.5), 3.5))
+    colors = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2"]
+    for k, (label, values) in enumerate(series.items()):
+        xs = np.arange(len(names)) + (k - (len(series) - 1) / 2) * width
+        bars = ax.bar(xs, [values[n] for n in names], width, label=label or None, color=colors[k % len(colors)])
+        ax.bar_label(bars, fmt="%.2f", fontsize=6 if len(series) > 1 else 7)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.08)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -103,19 +115,26 @@ def bar_figure(values: dict[str, float], path: Path, title: str = "", ylabel: st
 def overlay_figure(image: np.ndarray, labels: np.ndarray, path: Path, title: str = "") -> None:
     """Axial, coronal and sagittal slices of an (X, Y, Z) RAS image with a label map (X, Y, Z) drawn
     over it in colour, through the centre of the labelled voxels (of the volume if there are none)."""
+    overlays_figure(image, {"": labels}, path, title)
+
+
+def overlays_figure(image: np.ndarray, maps: dict[str, np.ndarray], path: Path, title: str = "") -> None:
+    """One row per named label map (e.g. ground truth and predictions) over the same image slices,
+    through the centre of the first map's labelled voxels."""
     plt = _figure()
-    centre = np.argwhere(labels > 0).mean(0).round().astype(int) if labels.any() else None
+    first = next(iter(maps.values()))
+    centre = np.argwhere(first > 0).mean(0).round().astype(int) if first.any() else None
     low, high = np.percentile(image, [1, 99])
-    shown = np.ma.masked_equal(labels, 0)
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4))
-    for ax, plane, gray, mask in zip(
-        axes, ("axial", "coronal", "sagittal"), orthogonal_slices(image, centre), orthogonal_slices(shown, centre)
-    ):
-        ax.imshow(gray, cmap="gray", vmin=low, vmax=high if high > low else low + 1, interpolation="nearest")
-        ax.imshow(mask, cmap="tab20", vmin=1, vmax=20, alpha=0.5, interpolation="nearest")
-        ax.set_title(plane, fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+    gray = orthogonal_slices(image, centre)
+    fig, axes = plt.subplots(len(maps), 3, figsize=(9, 3.2 * len(maps)), squeeze=False)
+    for row, (name, labels) in zip(axes, maps.items()):
+        masks = orthogonal_slices(np.ma.masked_equal(labels, 0), centre)
+        for ax, plane, g, mask in zip(row, ("axial", "coronal", "sagittal"), gray, masks):
+            ax.imshow(g, cmap="gray", vmin=low, vmax=high if high > low else low + 1, interpolation="nearest")
+            ax.imshow(mask, cmap="tab20", vmin=1, vmax=20, alpha=0.5, interpolation="nearest")
+            ax.set_title(f"{name}: {plane}" if name else plane, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save(fig, path)

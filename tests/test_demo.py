@@ -1,0 +1,35 @@
+"""`glmae demo` end to end on a reduced plan (the real plans take minutes)."""
+
+import re
+
+from glmae.demo import Plan, demo
+from glmae.synth import LABELS
+
+SMALL = ("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "train.log_every=1")
+TINY_PLAN = Plan(
+    pool=2, train=1, test=1, shape=(32, 32, 24), pretrain_steps=2, finetune_steps=2, validations=1,
+    pretrain_set=(*SMALL, "method.global_size=[32,32,32]", "method.local_size=[16,16,16]", "method.n_local=2"),
+    finetune_set=(*SMALL, "method.roi=[32,32,24]"),
+)
+
+
+def test_demo_writes_a_report_with_every_organ_both_models_and_its_figures(tmp_path):
+    out = tmp_path / "demo"
+    report = demo(out, plan=TINY_PLAN)
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| organ")]
+    organs = [row.split("|")[1].strip() for row in rows]
+    assert organs == [*LABELS.values(), "**mean**"]
+    header = next(line for line in text.splitlines() if line.startswith("| organ"))
+    assert "scratch" in header and "GL-MAE" in header
+    assert all(len(re.findall(r"\d\.\d{3}", row)) == 3 for row in rows)  # two Dice values and the difference
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert {"figures/dice_per_organ.png", "figures/prediction.png", "figures/pretrain_losses.png",
+            "figures/reconstruction.png"} <= set(figures)
+    for figure in figures:
+        assert (report.parent / figure).stat().st_size > 1000, figure
+    # a second run finds every training stage done and only rewrites the report
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/last.pt")}
+    assert len(stamps) == 3
+    demo(out, plan=TINY_PLAN)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
