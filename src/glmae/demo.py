@@ -54,18 +54,16 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
-def make_data(out: Path, plan: Plan) -> tuple[Path, Path]:
-    """Phantoms in MSD layout plus two datalists: the pool (images only) and the labelled split."""
+def make_data(out: Path, pool: int, train: int, test: int, shape: tuple[int, int, int], seed: int = 0):
+    """Phantoms in MSD layout plus two datalists beside them: `pretrain.json` (the first `pool`
+    cases, images only) and `finetune.json` (the next `train` cases for training, the last `test`
+    as its validation list). Returns the two datalist paths."""
     from glmae.synth import write_dataset
 
-    root = write_dataset(out, cases=plan.pool + plan.train + plan.test, seed=plan.seed, shape=plan.shape)
+    root = write_dataset(out, cases=pool + train + test, seed=seed, shape=shape)
     entries = json.loads((root / "dataset.json").read_text())
     cases = entries["training"]
-    pool, train, test = (
-        cases[: plan.pool],
-        cases[plan.pool : plan.pool + plan.train],
-        cases[plan.pool + plan.train :],
-    )
+    pool, train, test = cases[:pool], cases[pool : pool + train], cases[pool + train :]
     pretrain, finetune = root / "pretrain.json", root / "finetune.json"
     common = {"modality": entries["modality"], "labels": entries["labels"]}
     _write_json(pretrain, {"training": [{"image": c["image"]} for c in pool], "modality": entries["modality"]})
@@ -221,7 +219,7 @@ def demo(out: str | Path, quick: bool = False, plan: Plan | None = None) -> Path
                 print(f"demo [{i + 1}/{len(stages)}] {stages[i]}", flush=True)
 
         stage(0)
-        pool, labelled = make_data(out / "data", plan)
+        pool, labelled = make_data(out / "data", plan.pool, plan.train, plan.test, plan.shape, plan.seed)
         stage(1)
         pre_cfg = load_config(plan.pretrain_config, [*plan.pretrain_set, f"train.max_steps={plan.pretrain_steps}"])
         _train("pretrain", out / "pretrain", pretrain, pre_cfg, str(pool), out / "pretrain")

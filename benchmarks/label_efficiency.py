@@ -1,0 +1,207 @@
+"""Label efficiency on phantoms: a miniature of GL-MAE's Table 1 and label-efficiency figure.
+
+Methods {scratch (Sup. UNETR), MAE3D, GL-MAE, GMIM} x label fractions x seeds, fine-tuned end to
+end, plus linear probing at 100% labels. Every pre-training method gets the same encoder (the tiny
+ViT), the same pre-training budget (steps, pool of unlabelled phantoms) and every fine-tuning the
+same budget. Dice is the mean over the 13 organs on held-out test phantoms (the best validation
+checkpoint, as in the papers' protocol, where validation and test coincide).
+
+The run is resumable: each pre-training and each fine-tuning cell lives in its own folder under
+--work and is skipped when its result exists. Results go to --results as label_efficiency.{json,md,png}.
+
+    python benchmarks/label_efficiency.py                       # full: about 90 min on 2 cores
+    python benchmarks/label_efficiency.py --setting smoke       # seconds, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class Setting:
+    pool: int  # unlabelled pre-training phantoms
+    train: int  # labelled training phantoms (100%)
+    test: int  # held-out test phantoms
+    shape: tuple[int, int, int]
+    pretrain_steps: int
+    finetune_steps: int
+    seeds: tuple[int, ...]
+    fractions: tuple[float, ...]
+    methods: tuple[str, ...] = ("scratch", "mae3d", "glmae", "gmim")
+    linear: bool = True  # also linear probing at 100% labels
+    pretrain_set: tuple[str, ...] = ()
+    finetune_set: tuple[str, ...] = ()
+
+
+# method -> pre-training config (the same ViT encoder for all); scratch has none
+CONFIGS = {"mae3d": "mae3d_tiny", "glmae": "glmae_tiny", "gmim": "gmim_vit_tiny"}
+FINETUNE = "unetr_tiny"
+
+SETTINGS = {
+    "full": Setting(pool=48, train=16, test=8, shape=(64, 64, 48), pretrain_steps=1500, finetune_steps=250,
+                    seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0)),
+    "smoke": Setting(
+        pool=2, train=2, test=1, shape=(32, 32, 24), pretrain_steps=2, finetune_steps=2, seeds=(0,),
+        fractions=(0.5,), methods=("scratch", "glmae"), linear=False,
+        pretrain_set=("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "method.global_size=[32,32,32]",
+                      "method.local_size=[16,16,16]", "method.n_local=2"),
+        finetune_set=("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "method.roi=[32,32,24]",
+                      "train.val_every=0"),
+    ),
+}
+
+
+def pretrain_cell(method: str, s: Setting, pool: Path, work: Path) -> Path:
+    from glmae.config import load_config
+    from glmae.pretrain import pretrain
+
+    run = work / "pretrain" / method
+    encoder = run / "encoder.safetensors"
+    if not encoder.exists():
+        cfg = load_config(CONFIGS[method], [*s.pretrain_set, f"train.max_steps={s.pretrain_steps}", "train.epochs=0"])
+        pretrain(cfg, str(pool), run, resume=(run / "checkpoints" / "last.pt").exists())
+    return encoder
+
+
+def finetune_cell(method: str, mode: str, fraction: float, seed: int, s: Setting, data: Path, work: Path,
+                  encoders: dict) -> dict:
+    from glmae.config import load_config
+    from glmae.finetune import finetune
+
+    run = work / "finetune" / f"{method}_{mode}_{fraction:g}_seed{seed}"
+    metrics = run / "metrics.json"
+    if not metrics.exists():
+        overrides = [*s.finetune_set, f"train.max_steps={s.finetune_steps}", "train.epochs=0", f"train.seed={seed}"]
+        if mode == "linear":
+            overrides.append("optim.lr=1e-2")  # the papers' linear-probing rate
+        cfg = load_config(FINETUNE, overrides)
+        init = str(encoders[method]) if method != "scratch" else "none"
+        finetune(cfg, str(data), run, init=init, mode=mode, label_fraction=fraction, split_seed=seed,
+                 resume=(run / "checkpoints" / "last.pt").exists())
+    return json.loads(metrics.read_text())
+
+
+def summarise(cells: dict) -> list[dict]:
+    """{(method, mode, fraction): {seed: mean Dice}} -> rows of the results table."""
+    rows = []
+    for (method, mode, fraction), by_seed in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        values = [by_seed[s] for s in sorted(by_seed)]
+        rows.append({"method": method, "mode": mode, "fraction": fraction, "mean": float(np.mean(values)),
+                     "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                     "seeds": [int(s) for s in sorted(by_seed)], "values": values})
+    return rows
+
+
+NAMES = {"scratch": "Sup. UNETR (scratch)", "mae3d": "MAE3D", "glmae": "GL-MAE", "gmim": "GMIM"}
+
+
+def table(rows: list[dict]) -> list[str]:
+    fractions = sorted({r["fraction"] for r in rows if r["mode"] == "e2e"})
+    methods = [m for m in NAMES if any(r["method"] == m for r in rows)]
+    by = {(r["method"], r["mode"], r["fraction"]): r for r in rows}
+    header = "| method | " + " | ".join(f"e2e {f:.0%}" for f in fractions)
+    has_linear = any(r["mode"] == "linear" for r in rows)
+    header += " | linear 100% |" if has_linear else " |"
+    lines = [header, "|---|" + "---:|" * (len(fractions) + has_linear)]
+    for m in methods:
+        cells = []
+        for key in [(m, "e2e", f) for f in fractions] + ([(m, "linear", 1.0)] if has_linear else []):
+            r = by.get(key)
+            cells.append(f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}" if r else "–")
+        lines.append(f"| {NAMES[m]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from glmae.figures import _figure, _save
+
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method in NAMES:
+        pts = sorted((r["fraction"], r["mean"], r["std"]) for r in rows if r["method"] == method and r["mode"] == "e2e")
+        if pts:
+            f, m, sd = map(np.array, zip(*pts))
+            ax.errorbar(100 * f, 100 * m, yerr=100 * sd, marker="o", capsize=3, label=NAMES[method])
+    ax.set_xlabel("labelled training cases (%)")
+    ax.set_ylabel("mean Dice (%)")
+    ax.set_title("Label efficiency on phantoms (end-to-end fine-tuning)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--setting", choices=list(SETTINGS), default="full")
+    p.add_argument("--work", type=Path, default=HERE / "work" / "label_efficiency")
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    s = SETTINGS[args.setting]
+    start = time.time()
+    from glmae.demo import make_data
+
+    pool, data = make_data(args.work / "data", s.pool, s.train, s.test, s.shape)
+    encoders = {m: pretrain_cell(m, s, pool, args.work) for m in s.methods if m != "scratch"}
+    cells: dict = {}
+    plan = [(m, "e2e", f) for f in s.fractions for m in s.methods]
+    if s.linear:
+        plan += [(m, "linear", 1.0) for m in s.methods]
+    for seed in s.seeds:  # seeds outermost: a partial run already has every cell once
+        for method, mode, fraction in plan:
+            metrics = finetune_cell(method, mode, fraction, seed, s, data, args.work, encoders)
+            cells.setdefault((method, mode, fraction), {})[seed] = metrics["mean_dice"]
+            print(f"{method} {mode} {fraction:.0%} seed {seed}: mean Dice {metrics['mean_dice']:.4f}", flush=True)
+    rows = summarise(cells)
+    minutes = (time.time() - start) / 60
+    command = "python benchmarks/label_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {
+        "setting": args.setting,
+        "config": dataclasses.asdict(s),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        "command": command.strip(),
+        "wall_minutes_this_invocation": minutes,
+        "results": rows,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / ("label_efficiency" if args.setting == "full" else f"label_efficiency_{args.setting}")
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, stem.with_suffix(".png"))
+    lines = [
+        "# Label efficiency on phantoms",
+        "",
+        f"Mean Dice (%) over 13 organs on {s.test} held-out phantoms, mean ± std over seeds {list(s.seeds)}; "
+        f"{s.train} labelled training phantoms = 100%, {s.pool} unlabelled phantoms for pre-training "
+        f"({s.pretrain_steps} steps each), {s.finetune_steps} fine-tuning steps per cell; "
+        f"encoder: the tiny ViT of `{FINETUNE}` for every method.",
+        "",
+        *table(rows),
+        "",
+        f"![Dice vs label fraction]({stem.with_suffix('.png').name})",
+        "",
+        f"Machine: {result['machine']}. Wall time of this invocation: {minutes:.1f} min.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+    ]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
