@@ -90,7 +90,15 @@ def load_dataset(source: str | Path) -> DataSet:
 
 
 def scan_dataset(source: str | Path) -> tuple[DataSet, list[InputError]]:
-    """(data set, entry-level problems). Structural errors (no data set, malformed JSON) raise InputError."""
+    """(data set, entry-level problems). Structural errors (no data set, malformed JSON, a folder
+    that cannot be read) raise InputError."""
+    try:
+        return _scan(source)
+    except OSError as err:
+        raise InputError(f"cannot read: {err.strerror or err}", err.filename or source) from None
+
+
+def _scan(source: str | Path) -> tuple[DataSet, list[InputError]]:
     text = str(source)
     path = Path(text).expanduser()
     if not path.exists() and any(c in text for c in "*?["):
@@ -103,7 +111,7 @@ def scan_dataset(source: str | Path) -> tuple[DataSet, list[InputError]]:
                 "has labelsTr/ but no dataset.json; to pretrain on the images alone pass imagesTr/ or a glob",
                 path,
             )
-        return _images(path, sorted(str(p) for p in path.rglob("*")), text)
+        return _images(path, _files_under(path), text)
     if path.is_file() and path.suffix == ".json":
         return _from_json(path)
     if path.is_file() and is_nifti(path):
@@ -140,6 +148,20 @@ def _glob_root(pattern: str) -> Path:
             break
         fixed.append(part)
     return Path(*fixed) if fixed else Path(".")
+
+
+def _files_under(root: Path) -> list[str]:
+    """Every file below `root`, hidden folders (.git, ...) skipped. A folder that cannot be listed
+    raises OSError rather than silently losing its images."""
+
+    def fail(err: OSError):
+        raise err
+
+    files = []
+    for folder, subfolders, names in os.walk(root, onerror=fail):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        files += [os.path.join(folder, name) for name in names]
+    return sorted(files)
 
 
 def _images(root: Path, files: list[str], source: str) -> tuple[DataSet, list[InputError]]:
@@ -289,7 +311,9 @@ def _nnunet(path: Path, data: dict) -> tuple[DataSet, list[InputError]]:
     cases = []
     for folder, split in (("imagesTr", "training"), ("imagesTs", "test")):
         found: dict[str, set[int]] = {}
-        files = sorted((root / folder).glob(f"*{ending}")) if (root / folder).is_dir() else []
+        files = []
+        if (root / folder).is_dir():  # iterdir, not glob: an unreadable folder raises instead of looking empty
+            files = sorted(p for p in (root / folder).iterdir() if p.name.endswith(ending))
         for file in files:
             match = re.fullmatch(r"(.+)_(\d{4})", file.name[: -len(ending)])
             if match is None:

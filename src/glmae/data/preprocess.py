@@ -6,8 +6,11 @@ the body if `cfg.crop_foreground`. Intensity modes: ``ct`` clips to `cfg.ct_wind
 [0, 1]; ``mri`` z-scores each channel over its non-zero voxels; ``none``; ``auto`` is ct when every
 channel is CT, else mri. The body (`Volume.foreground_box`) is where any channel of the resampled
 raw image is above the window's lower end (ct) or non-zero (other modes): the image alone decides,
-never the label. Before loading, `glmae.data.validate.check_headers` checks dimensions and geometry;
-NaN/Inf voxels are an error, a constant image a warning.
+never the label. Before loading, `glmae.data.validate.check_headers` checks dimensions and geometry
+(`prepare` checks the headers of every case before it loads any); NaN/Inf voxels are an error, a
+constant image a warning. Label values must be whole numbers >= 0 and, when the Preprocessor is given
+the declared `label_values`, declared: checked on the label file as written, before resampling (a
+lone voxel of an undeclared value would otherwise vanish in it).
 
 Cache: `cfg.cache_dir`, else $GLMAE_CACHE_DIR, else $XDG_CACHE_HOME/glmae (~/.cache/glmae), in a
 folder per `FORMAT_VERSION`:
@@ -17,9 +20,10 @@ folder per `FORMAT_VERSION`:
     <lkey>.label.npy   (X, Y, Z) uint8 (int16 above 255)
 
 `key` hashes each image file's resolved path, size and mtime with the settings (spacing, intensity
-mode, window, crop, modalities); `lkey` hashes `key` with the label file's. Pretraining caches images
-only; fine-tuning with the same settings then adds the labels without recomputing the images (the
-label is put on the cached grid from the geometry recorded in the JSON). A changed file or setting
+mode, window, crop, modalities); `lkey` hashes `key` with the label file's and the declared label
+values (a cached label passed their check). Pretraining caches images only; fine-tuning with the
+same settings then adds the labels without recomputing the images (the label is put on the cached
+grid from the geometry recorded in the JSON). A changed file or setting
 gives a new key; old entries are never deleted (remove the folder to reclaim space). Files are
 written under temporary names and renamed into place, the JSON last, so a concurrent reader (DDP
 ranks, a second run) sees a complete entry or none. Two processes may compute the same entry at
@@ -33,7 +37,6 @@ import json
 import mmap
 import os
 import secrets
-import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -48,10 +51,11 @@ from glmae.data.validate import (
     READ_ERRORS,
     check_headers,
     label_problems,
+    label_values,
     nonfinite_problem,
     unreadable,
 )
-from glmae.errors import InputError
+from glmae.errors import InputError, warn
 
 FORMAT_VERSION = 1  # bump when the pipeline changes what it writes
 INTENSITY_MODES = ("auto", "ct", "mri", "none")
@@ -111,9 +115,10 @@ def intensity_mode(cfg: DataConfig, modalities: tuple[str, ...]) -> str:
 
 
 class Preprocessor:
-    """Case -> Volume through the cache. `modalities` is the data set's (one name per channel)."""
+    """Case -> Volume through the cache. `modalities` is the data set's (one name per channel);
+    `label_values`, if given, the values a label file may hold (others are an error)."""
 
-    def __init__(self, cfg: DataConfig, modalities: tuple[str, ...]):
+    def __init__(self, cfg: DataConfig, modalities: tuple[str, ...], label_values: set[int] | None = None):
         from monai.data import NibabelReader
         from monai.transforms import LoadImage
 
@@ -124,6 +129,7 @@ class Preprocessor:
         self.cfg = cfg
         self.modalities = tuple(modalities)
         self.mode = intensity_mode(cfg, self.modalities)
+        self.label_values = None if label_values is None else set(label_values)
         self.cache = cache_root(cfg) / f"v{FORMAT_VERSION}"
         self.settings = {
             "spacing": None if cfg.spacing is None else list(cfg.spacing),
@@ -140,7 +146,7 @@ class Preprocessor:
         with_label = with_label and case.label is not None
         key = _key(self.settings, case.images)
         meta_path, image_path = self.cache / f"{key}.json", self.cache / f"{key}.image.npy"
-        label_path = self.cache / f"{_key({'image': key}, (case.label,))}.label.npy" if with_label else None
+        label_path = self._label_path(key, case) if with_label else None
         image_cached = meta_path.is_file() and image_path.is_file()
         if not image_cached or (label_path is not None and not label_path.is_file()):
             opened, problems = check_headers(case, len(self.modalities), with_label)
@@ -163,15 +169,40 @@ class Preprocessor:
             source=meta["source"],
         )
 
+    def _label_path(self, key: str, case: Case) -> Path:
+        declared = None if self.label_values is None else sorted(self.label_values)
+        return self.cache / f"{_key({'image': key, 'declared': declared}, (case.label,))}.label.npy"
+
+    def cached(self, case: Case, with_label: bool = True) -> bool:
+        key = _key(self.settings, case.images)
+        files = [self.cache / f"{key}.json", self.cache / f"{key}.image.npy"]
+        if with_label and case.label is not None:
+            files.append(self._label_path(key, case))
+        return all(f.is_file() for f in files)
+
+    def check(self, cases: list[Case], with_label: bool = True) -> None:
+        """Check the headers of every case not in the cache (fast: no voxels are read); InputError for
+        the first problem, with the number of others, before any case is loaded."""
+        problems = []
+        for case in cases:
+            if not self.cached(case, with_label):
+                problems += check_headers(case, len(self.modalities), with_label)[1]
+        if problems:
+            more = f" (and {len(problems) - 1} more; `glmae info` lists them)" if len(problems) > 1 else ""
+            raise InputError(f"{problems[0]}{more}")
+
     def prepare(self, cases: list[Case], with_label: bool = True, progress: bool = True) -> list[Volume]:
-        """Preprocess every case into the cache once; Volumes memory-map the cached arrays, so
-        DataLoader workers share them through the page cache instead of each holding copies."""
+        """Check every case's headers, then preprocess every case into the cache once; Volumes
+        memory-map the cached arrays, so DataLoader workers share them through the page cache
+        instead of each holding copies."""
         from rich.console import Console
         from rich.progress import track
 
-        steps = track(
-            cases, "preprocessing", console=Console(stderr=True), transient=True, disable=not progress
-        )
+        self.check(cases, with_label)
+        console = Console(stderr=True)
+        # off the terminal a transient bar would still leave an empty line behind
+        steps = track(cases, "preprocessing", console=console, transient=True,
+                      disable=not (progress and console.is_terminal))
         return [self(case, with_label) for case in steps]
 
     # ------------------------------------------------------------------------------------------
@@ -199,11 +230,8 @@ class Preprocessor:
         channels = []
         for path in case.images:
             x = self._load(path)
-            if float(x.min()) == float(x.max()):
-                warnings.warn(
-                    f"{path}: every voxel is {float(x.min()):g}: the image carries no information",
-                    stacklevel=2,
-                )
+            if float(x.min()) == float(x.max()):  # valid, so not refused; said once, when first loaded
+                warn(f"every voxel is {float(x.min()):g}: the image carries no information", path)
             channels.append(x)
         x = self._resample(torch.cat(channels) if len(channels) > 1 else channels[0], "bilinear")
         shape = list(x.shape[1:])
@@ -241,19 +269,40 @@ class Preprocessor:
 
     def _label(self, path: Path, meta: dict) -> np.ndarray:
         """The label on the cached image grid: its affine matched the image's (checked), so the
-        image's is used, which makes both land on exactly the same voxels."""
+        image's is used, which makes both land on exactly the same voxels. Its values are checked
+        as written in the file (nearest-neighbour resampling only ever drops values)."""
         from monai.transforms import SpatialCrop
 
         y = self._load(path)
+        problems = label_problems(_distinct(y.array), self.label_values or set(), path)
+        if problems:
+            raise problems[0]
         y.affine = torch.as_tensor(meta["source"]["files"][0]["affine"], dtype=torch.float64)
         y = self._resample(y, "nearest")
         start, stop = meta["source"]["grid"]["crop"]
-        y = SpatialCrop(roi_start=start, roi_end=stop)(y).array[0]
-        rounded = np.rint(y)
-        if y.size and (y.min() < 0 or not np.array_equal(rounded, y)):
-            raise label_problems(np.unique(y), set(), path)[0]
+        y = np.rint(SpatialCrop(roi_start=start, roi_end=stop)(y).array[0])
         high = y.max(initial=0)
-        return rounded.astype(np.uint8 if high < 256 else np.int16 if high < 2**15 else np.int32)
+        return y.astype(np.uint8 if high < 256 else np.int16 if high < 2**15 else np.int32)
+
+
+def _distinct(array: np.ndarray) -> np.ndarray:
+    """Distinct values of a float label array; through integers (fast) when they are whole and small."""
+    if array.size and array.min() >= 0 and array.max() < 2**16 and np.array_equal(np.rint(array), array):
+        return label_values(array.astype(np.uint16))
+    return np.unique(array)
+
+
+def warn_smaller_than_roi(volumes: list[Volume], roi: tuple[int, ...]) -> None:
+    """A warning line for each volume smaller than `roi` on some axis: training crops and sliding
+    windows pad it (image 0, label background), which is the unambiguous fix."""
+    for volume in volumes:
+        shape = tuple(volume.image.shape[1:])
+        if any(n < r for n, r in zip(shape, roi)):
+            warn(
+                f"{'x'.join(map(str, shape))} voxels after preprocessing, smaller than method.roi "
+                f"{'x'.join(map(str, roi))}: padded",
+                volume.source["files"][0]["path"],
+            )
 
 
 def _above(low: float, x):  # the body, as CropForeground's select_fn
@@ -271,6 +320,8 @@ def _key(payload: dict, files: tuple[Path, ...]) -> str:
             stat = path.stat()
         except FileNotFoundError:
             raise InputError("file not found", path) from None
+        except OSError as err:
+            raise InputError(f"cannot access: {err.strerror}", path) from None
         fingerprint.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
     text = json.dumps([FORMAT_VERSION, payload, fingerprint], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -14,6 +14,7 @@ information, and one such case should not stop a run over thousands.
 from __future__ import annotations
 
 import gzip
+import stat
 import zlib
 from pathlib import Path
 
@@ -30,17 +31,26 @@ READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, Header
 
 
 def read_header(path: Path) -> nib.Nifti1Image:
-    """The image with its header read and voxels not. InputError if missing, not NIfTI or truncated."""
-    if not path.is_file():
-        raise InputError("file not found", path)
+    """The image with its header read and voxels not. InputError if missing, unreadable, empty, not
+    NIfTI, misnamed or truncated."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise InputError("file not found", path) from None
+    except OSError as err:  # a folder on the way that cannot be entered, a file where a folder should be
+        raise InputError(f"cannot access: {err.strerror}", path) from None
+    if not stat.S_ISREG(mode):  # a folder, or a FIFO or device that would block or never end
+        raise InputError("not a regular file", path)
     if not is_nifti(path):
         raise InputError("unsupported format: only NIfTI (.nii, .nii.gz) is read", path)
+    if path.stat().st_size == 0:
+        raise InputError("empty file (0 bytes)", path)
     try:
         img = nib.load(path)
     except READ_ERRORS as err:
         if _gzip_ends_early(path):  # nibabel only says it cannot work out the file type
             raise InputError("truncated file: the gzip stream ends early", path) from None
-        raise InputError(f"unreadable NIfTI: {_reason(err)}", path) from None
+        raise InputError(f"unreadable NIfTI: {_reason(err)}{_misnamed(path)}", path) from None
     if path.suffix == ".nii":  # uncompressed: a cut file is visible from its size
         expected = img.dataobj.offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
         if path.stat().st_size < expected:
@@ -72,6 +82,20 @@ def _gzip_ends_early(path: Path) -> bool:
     except (OSError, zlib.error):
         return False
     return False
+
+
+def _misnamed(path: Path) -> str:
+    """A hint when the content does not match the suffix (gzip data in .nii, plain data in .nii.gz)."""
+    try:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return ""
+    if gzipped and path.suffix == ".nii":
+        return " (it is gzip-compressed: rename it to .nii.gz)"
+    if not gzipped and path.suffix == ".gz":
+        return " (rename it to .nii if it is an uncompressed NIfTI)"
+    return ""
 
 
 def _reason(err: Exception) -> str:
