@@ -136,7 +136,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="last.pt: cannot write: No space left on device; its previous version"):
         checkpoint.atomic_write(path, explode)
     assert checkpoint.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]

@@ -1,10 +1,13 @@
 """The `glmae` command. Thin wrappers: each command imports its (heavy) module when it runs.
 
 Exit codes: 0 success, 2 bad input or usage (one line on stderr, no traceback), 1 internal error.
+A full disk, a read-only file system or a denied permission is reported like bad input (exit 2, one
+line naming the file); Ctrl-C outside training (which stops cleanly on its own) exits 130.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -176,12 +179,25 @@ def demo(
     run(out, quick=quick)
 
 
+# OSErrors that come from the machine, not from glmae: the user can act on them
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="glmae")
     except InputError as err:
         print(f"glmae: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"glmae: error: {where}{err.strerror}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("glmae: interrupted", file=sys.stderr)
+        sys.exit(130)
     except TrainingError as err:
         print(f"glmae: stopped: {err}", file=sys.stderr)
         sys.exit(1)

@@ -27,7 +27,14 @@ from glmae.config import Config
 from glmae.engine import checkpoint as ckpt
 from glmae.engine.checkpoint import atomic_write
 from glmae.errors import InputError
-from glmae.methods.segmentation import SegmentationConfig, class_names, decode_logits, encode_target, infer
+from glmae.methods.segmentation import (
+    SegmentationConfig,
+    class_names,
+    declared_values,
+    decode_logits,
+    encode_target,
+    infer,
+)
 
 SPLITS = ("val", "test", "all")
 
@@ -140,7 +147,7 @@ def evaluate(checkpoint: Path, data: str, out: Path, split: str = "val") -> dict
     cfg, model = load_model(checkpoint)
     cases = split_cases(checkpoint, load_dataset(data), split)
     env = DistEnv(0, 1, 0, pick_device(cfg.train.device))
-    _, volumes = load_volumes(data, cfg, env, with_label=True, cases=cases)
+    _, volumes = load_volumes(data, cfg, env, with_label=True, cases=cases, label_values=declared_values(cfg.method))
     metrics = evaluate_volumes(model.net.to(env.device), volumes, cfg, env.device)
     write_metrics(metrics, out, title=f"{split}: ")
     print(f"mean Dice {metrics['mean_dice']:.4f} over {metrics['n_cases']} case(s) -> {out}")

@@ -185,13 +185,10 @@ class Validation:
         return {"mean_dice": metrics["mean_dice"], **{f"dice/{k}": v for k, v in metrics["per_class"].items()}}
 
 
-def _write_splits(out: Path, splits: dict, resume: bool) -> None:
+def _check_splits(out: Path, splits: dict) -> None:
     path = out / "splits.json"
-    if resume and path.is_file() and json.loads(path.read_text()) != splits:
+    if path.is_file() and json.loads(path.read_text()) != splits:
         raise InputError("--resume: the data set's cases changed since the run started (splits differ)", path)
-    from glmae.evaluate import save_json
-
-    save_json(splits, path)
 
 
 def _validation_figure(out: Path) -> None:
@@ -219,8 +216,8 @@ def finetune(
     from glmae.data.formats import load_dataset
     from glmae.evaluate import evaluate_volumes, save_json
     from glmae.methods import SEGMENTATION
-    from glmae.methods.segmentation import TrainItem, check_labels, foreground_points
-    from glmae.pretrain import load_volumes, prepare_run_dir
+    from glmae.methods.segmentation import TrainItem, declared_values, foreground_points
+    from glmae.pretrain import check_run_dir, create_run_dir, load_volumes
 
     if cfg.task != "finetune" or cfg.method.name not in SEGMENTATION:
         raise InputError(
@@ -234,20 +231,23 @@ def finetune(
         dataset = load_dataset(data)
         cfg = resolve(cfg, dataset, init, mode, label_fraction, split_seed)
         splits = make_splits(dataset, label_fraction, split_seed)
-        prepare_run_dir(out, resume, cfg, env)
-        if env.is_main:
-            _write_splits(out, splits, resume)
-        by_id = {c.id: c for c in dataset.cases}
-        cases = {name: [by_id[i] for i in splits[name]] for name in ("train", "val")}
-        _, train = load_volumes(data, cfg, env, with_label=True, cases=cases["train"])
-        _, val = load_volumes(data, cfg, env, with_label=True, cases=cases["val"])
-        check_labels(train + val, cases["train"] + cases["val"], cfg.method)
-
+        resume = check_run_dir(out, resume, cfg)
+        if resume:
+            _check_splits(out, splits)
+        # every input is checked before the run folder is written: --init, then every case (the
+        # preprocessing draws no random numbers, so the model may be built first)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = SEGMENTATION[cfg.method.name](cfg.encoder, cfg.method)
-        if init != "none" and not resume:
-            report = load_init(model.net.encoder, init, cfg)
-            if env.is_main:
+        report = load_init(model.net.encoder, init, cfg) if init != "none" and not resume else None
+        by_id = {c.id: c for c in dataset.cases}
+        cases = {name: [by_id[i] for i in splits[name]] for name in ("train", "val")}
+        declared = declared_values(cfg.method)
+        _, train = load_volumes(data, cfg, env, with_label=True, cases=cases["train"], label_values=declared)
+        _, val = load_volumes(data, cfg, env, with_label=True, cases=cases["val"], label_values=declared)
+        create_run_dir(out, cfg, env)
+        if env.is_main:
+            save_json(splits, out / "splits.json")
+            if report:
                 print(report, file=sys.stderr, flush=True)
         samples = SampleDataset([TrainItem(v, foreground_points(v.label)) for v in train], model.sampler())
         validation = Validation(val, cfg, env)

@@ -7,8 +7,12 @@ on the input's grid: every input voxel takes the value of the nearest preprocess
 through the two affines (input voxel -> world -> preprocessed voxel), which undoes reorientation,
 resampling and cropping at once (voxels outside the crop are background). The mask has the
 input's shape and affine and is written atomically as `OUT/<case id>.nii.gz`; `--overlay` adds
-`OUT/<case id>.png` (the preprocessed image with the mask, three planes). Cases are processed one
-at a time and nothing is kept between them, so memory does not grow over a folder.
+`OUT/<case id>.png` (the preprocessed image with the mask, three planes).
+
+Every input is read, checked and preprocessed (into the cache) before the first mask is written,
+so a bad file refuses the whole command and leaves no masks; a crash never leaves a half-written
+one. Then cases are segmented one at a time from the cache and nothing is kept between them, so
+memory does not grow over a folder.
 
 Inputs: a NIfTI file, a folder or glob of them, or a data set (dataset.json, nnU-Net folder,
 datalist; every case of it). In a folder of files named `<case>_0000.nii.gz`, `<case>_0001...`
@@ -79,7 +83,7 @@ def predict(checkpoint: Path, input: str, out: Path, overlay: bool = False) -> l
     """Segment every case of `input`; returns the written mask paths."""
     import torch
 
-    from glmae.data.preprocess import Preprocessor
+    from glmae.data.preprocess import Preprocessor, warn_smaller_than_roi
     from glmae.engine.distributed import pick_device
     from glmae.engine.trainer import amp_dtype
     from glmae.evaluate import load_model
@@ -93,9 +97,12 @@ def predict(checkpoint: Path, input: str, out: Path, overlay: bool = False) -> l
     n_channels = cfg.encoder.in_channels
     pre = Preprocessor(cfg.data, ("unknown",) * n_channels)  # the intensity mode is in cfg.data
     out = Path(out)
+    cases = prediction_cases(input, n_channels)
+    pre.prepare(cases, with_label=False)  # every input checked before any mask is written
     written = []
-    for case in prediction_cases(input, n_channels):
-        volume = pre(case, with_label=False)
+    for case in cases:
+        volume = pre(case, with_label=False)  # from the cache
+        warn_smaller_than_roi([volume], cfg.method.roi)
         with torch.inference_mode():
             decoded = decode_logits(infer(net, volume.image, cfg.method, device, dtype), cfg.method)
         labels = label_map(decoded.numpy(), cfg.method)

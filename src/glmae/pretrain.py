@@ -2,6 +2,11 @@
 
 "Self pre-training" (SelfMedMAE): by default the images of the data set's training split are used;
 labels are never opened.
+
+Run folders are created only once the inputs passed their checks: the config, the data set, the
+headers of every case, then every case preprocessed (voxels read, NaN/Inf and label values
+checked). A refused run leaves no folder behind (or, with --resume, the folder as it was).
+`--resume` on a run that was killed before its first checkpoint starts it again from step 0.
 """
 
 from __future__ import annotations
@@ -15,30 +20,52 @@ from glmae.config import Config
 from glmae.engine import checkpoint, distributed
 from glmae.engine.data import SampleDataset
 from glmae.engine.distributed import DistEnv
-from glmae.engine.trainer import fit
-from glmae.errors import InputError
+from glmae.engine.trainer import RESUMABLE_CHANGES, config_differences, fit
+from glmae.errors import InputError, warn
 
 
-def prepare_run_dir(out: Path, resume: bool, cfg: Config, env: DistEnv) -> None:
-    """Refuse to overwrite an existing run; on resume require its checkpoint. Writes config.yaml."""
-    last = out / "checkpoints" / "last.pt"
-    if resume and not last.is_file():
-        raise InputError("--resume: no checkpoint to resume from (checkpoints/last.pt is missing)", out)
-    if not resume and (last.exists() or (out / "config.yaml").exists()):
+def check_run_dir(out: Path, resume: bool, cfg: Config) -> bool:
+    """Refuse to overwrite an existing run, to resume none, or to resume one with another config
+    (beyond its length); writes nothing. Returns whether to continue from checkpoints/last.pt:
+    False for a new run, and for --resume of a run killed before its first checkpoint, which starts
+    again from step 0."""
+    last, recorded = out / "checkpoints" / "last.pt", out / "config.yaml"
+    started = last.exists() or recorded.exists()
+    if resume and not started:
+        raise InputError("--resume: nothing to resume (no checkpoints/last.pt, no config.yaml)", out)
+    if not resume and started:
         raise InputError("already holds a run; pass --resume to continue it or choose another --out", out)
-    distributed.barrier(env)  # every rank has looked before the main one writes config.yaml
+    if resume and last.is_file() and recorded.is_file():
+        changed = config_differences(cfglib.to_dict(cfg), cfglib.to_dict(cfglib.load_config(str(recorded))))
+        changed = [k for k in changed if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise InputError(f"--resume: the configuration differs from the run's in {', '.join(changed[:5])}",
+                             recorded)
+    if resume and not last.is_file():
+        warn("--resume: the run has no checkpoint yet (stopped before the first): starting from step 0", out)
+    return resume and last.is_file()
+
+
+def create_run_dir(out: Path, cfg: Config, env: DistEnv) -> None:
+    """Write OUT/config.yaml (main process). Leftovers of checkpoint writes cut short by a kill
+    (checkpoints/.*.tmp) are removed."""
+    distributed.barrier(env)  # every rank has checked the folder before the main one writes into it
     if env.is_main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for tmp in (out / "checkpoints").glob(".*.tmp"):
+            tmp.unlink()
         text = cfglib.dump_yaml(cfg).encode()
         checkpoint.atomic_write(out / "config.yaml", lambda f: f.write(text))
     distributed.barrier(env)
 
 
-def load_volumes(data: str, cfg: Config, env: DistEnv, with_label: bool, cases=None):
-    """Preprocess (once, into the cache) and memory-map the volumes of `cases` (default: the
-    data set's training split). The main process fills the cache first; the others then read it."""
+def load_volumes(data: str, cfg: Config, env: DistEnv, with_label: bool, cases=None, label_values=None):
+    """Check, preprocess (once, into the cache) and memory-map the volumes of `cases` (default: the
+    data set's training split); label values outside `label_values` (if given) are an error. The
+    main process fills the cache first; the others then read it. A warning line for each volume
+    smaller than the method's ROI (it gets padded)."""
     from glmae.data.formats import load_dataset
-    from glmae.data.preprocess import Preprocessor
+    from glmae.data.preprocess import Preprocessor, warn_smaller_than_roi
 
     dataset = load_dataset(data)
     if cases is None:
@@ -49,12 +76,14 @@ def load_volumes(data: str, cfg: Config, env: DistEnv, with_label: bool, cases=N
             f"encoder expects encoder.in_channels={cfg.encoder.in_channels}",
             data,
         )
-    pre = Preprocessor(cfg.data, dataset.modalities)
+    pre = Preprocessor(cfg.data, dataset.modalities, label_values)
     if env.is_main:
         volumes = pre.prepare(cases, with_label=with_label)
     distributed.barrier(env)
     if not env.is_main:
         volumes = pre.prepare(cases, with_label=with_label, progress=False)
+    elif hasattr(cfg.method, "roi"):
+        warn_smaller_than_roi(volumes, cfg.method.roi)
     return dataset, volumes
 
 
@@ -78,10 +107,11 @@ def pretrain(cfg: Config, data: str, out: str | Path, resume: bool = False) -> P
     out = Path(out)
     env = distributed.init(cfg.train.device)
     try:
-        prepare_run_dir(out, resume, cfg, env)
+        resume = check_run_dir(out, resume, cfg)
         _, volumes = load_volumes(data, cfg, env, with_label=False)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = PRETRAINING[cfg.method.name](cfg.encoder, cfg.method)
+        create_run_dir(out, cfg, env)
         samples = SampleDataset(volumes, model.sampler())
         model = fit(model, cfg, samples, out, env, name="pretrain", resume=resume)
         path = out / "encoder.safetensors"

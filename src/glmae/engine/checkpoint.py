@@ -3,7 +3,10 @@
 A checkpoint is a dict of tensors and plain Python values (no pickled objects), so it loads with
 `torch.load(..., weights_only=True)`; a file that needs more than that is refused, not executed.
 Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed over the
-old file: a crash at any moment leaves either the old or the new checkpoint, never a torn one.
+old file: a crash at any moment leaves either the old or the new checkpoint, never a torn one (at
+worst a stray temporary `.NAME.*.tmp`, which resuming a run removes). A write that fails (disk
+full, read-only file system, no permission) removes its temporary file, keeps the old file and
+raises InputError naming the file.
 """
 
 from __future__ import annotations
@@ -35,20 +38,36 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(file_object) on a temporary file, then atomically move it to `path`."""
+    """Call write(file_object) on a temporary file, then atomically move it to `path`. An OSError
+    becomes an InputError naming `path` (whose previous version, if any, is unchanged)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise InputError(f"cannot write: {err.strerror or err}", path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        cause = _os_error(err)
+        if cause is not None:
+            kept = "; its previous version is kept" if path.exists() else ""
+            raise InputError(f"cannot write: {cause.strerror or cause}{kept}", path) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """`err` or the OSError it was raised while handling (torch.save turns a failed write into a
+    RuntimeError about its zip file)."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__context__
+    return err
 
 
 def save(state: dict[str, Any], path: Path) -> None:

@@ -37,7 +37,7 @@ from glmae.engine.optim import build_optimizer, lr_at, param_groups, peak_lr, se
 from glmae.errors import InputError, Interrupted, TrainingError
 
 # fields a resumed run may change: how long it runs
-_RESUMABLE_CHANGES = {"train.max_steps", "train.epochs"}
+RESUMABLE_CHANGES = {"train.max_steps", "train.epochs"}
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -160,7 +160,7 @@ def fit(
     start, best = 0, None
     if resume:
         state = checkpoint.load(ckpt_path)
-        changed = [k for k in config_differences(cfglib.to_dict(cfg), state["config"]) if k not in _RESUMABLE_CHANGES]
+        changed = [k for k in config_differences(cfglib.to_dict(cfg), state["config"]) if k not in RESUMABLE_CHANGES]
         if changed:
             raise InputError(
                 f"--resume: the configuration differs from the checkpoint's in {', '.join(changed[:5])}",

@@ -41,7 +41,6 @@ from glmae.config import MethodConfig, OptimConfig, ViTConfig, register_method
 from glmae.data import sampling
 from glmae.engine.optim import param_groups
 from glmae.engine.trainer import autocast
-from glmae.errors import InputError
 from glmae.models.unetr import UNETR
 
 MODES = ("linear", "e2e")
@@ -134,18 +133,10 @@ def label_map(decoded: np.ndarray, cfg: SegmentationConfig) -> np.ndarray:
     return out
 
 
-def check_labels(volumes: list, cases: list, cfg: SegmentationConfig) -> None:
-    """InputError naming the label file of the first case holding a value the config does not declare."""
-    declared = set(cfg.labels) | {v for values in cfg.regions.values() for v in values} | {0}
-    for volume, case in zip(volumes, cases):
-        present = np.flatnonzero(np.bincount(np.asarray(volume.label).ravel()))
-        extra = sorted(set(present.tolist()) - declared)
-        if extra:
-            raise InputError(
-                f"label values {extra[:5]} are not declared (declared: {sorted(declared)}); "
-                f"fix the data set's `labels` or set method.labels / method.regions",
-                case.label,
-            )
+def declared_values(cfg: SegmentationConfig) -> set[int]:
+    """The values a label file may hold: the labels, the regions' members and background 0 (the
+    preprocessing refuses label files with others, see `glmae.data.preprocess.Preprocessor`)."""
+    return set(cfg.labels) | {v for values in cfg.regions.values() for v in values} | {0}
 
 
 def _label_dtype(max_value: int) -> type:
