@@ -1,0 +1,103 @@
+"""Every bad input of the corpus (tests/badinputs.py) against every command that reads data.
+
+A refusal is exit 2 with one line naming the file and the problem, no traceback, and nothing
+written anywhere in the test's folder: runs are refused before their folder is created, evaluation
+before its metrics file, prediction before its first mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+from badinputs import (
+    ACCEPTED,
+    COMMANDS,
+    CORPUS,
+    FINETUNE,
+    PRETRAIN,
+    REFUSED,
+    WARNED,
+    clean_dataset,
+    permissions_enforced,
+    sets,
+    untrained_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def model_checkpoint(tmp_path_factory):
+    return untrained_checkpoint(tmp_path_factory.mktemp("model") / "best.pt")  # outside any run folder
+
+
+def command_line(command: str, root: Path, out: Path, ckpt: Path) -> list:
+    return {
+        "info": ["info", root],
+        "pretrain": ["pretrain", "--config", "mae3d_tiny", "--data", root, "--out", out / "run", "--max-steps", 1,
+                     *sets(PRETRAIN)],
+        "finetune": ["finetune", "--config", "unetr_tiny", "--data", root, "--out", out / "run", "--max-steps", 1,
+                     *sets(FINETUNE)],
+        "evaluate": ["evaluate", "--checkpoint", ckpt, "--data", root, "--split", "all", "--out",
+                     out / "metrics.json"],
+        "predict": ["predict", "--checkpoint", ckpt, "--input", root, "--out", out / "masks"],
+    }[command]
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every entry below `folder` with its size and modification time."""
+    entries = {}
+    for parent, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            stat = os.lstat(os.path.join(parent, name))
+            entries[os.path.relpath(os.path.join(parent, name), folder)] = (stat.st_size, stat.st_mtime_ns)
+    return entries
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("bad", CORPUS, ids=[b.name for b in CORPUS])
+def test_bad_input(bad, command, tmp_path, run_cli, model_checkpoint):
+    root = clean_dataset(tmp_path / "data")
+    bad.damage(root)
+    before = tree(tmp_path)
+    permissions = permissions_enforced() if bad.locked else contextlib.nullcontext(True)
+    try:
+        with permissions as enforced:
+            if not enforced:
+                pytest.skip("running as root without capget/capset: an unreadable folder cannot be simulated")
+            code, out, err = run_cli(*command_line(command, root, tmp_path / "out", model_checkpoint))
+    finally:
+        os.chmod(root / "imagesTr", 0o755)
+    expected = bad.outcome(command)
+    named = f"{root}/{bad.where}"
+    assert "Traceback" not in err
+
+    if expected == REFUSED:
+        assert code == 2, err
+        errors = [line for line in err.splitlines() if line.startswith("glmae: error: ")]
+        assert named in errors[0] and bad.message in errors[0], errors[0]
+        if command == "info" and len(errors) > 1:  # lists every problem, then counts them
+            assert err.splitlines() == errors + [f"glmae: {len(errors)} problems found"], err
+        elif command == "info":  # one problem in the cases, or a data set it cannot read at all
+            assert err.splitlines() in (errors, errors + ["glmae: 1 problem found"]), err
+        else:
+            assert err.splitlines() == errors[:1], err
+        assert tree(tmp_path) == before  # nothing written, not even a run folder or an empty mask folder
+        return
+
+    assert code == 0, err
+    assert "glmae: error" not in err
+    warnings = [line for line in err.splitlines() if line.startswith("glmae: warning: ")]
+    if expected == WARNED:
+        assert any(named in line and bad.message in line for line in warnings), err
+    else:
+        assert expected == ACCEPTED and not [line for line in warnings if named in line], err
+    written = {
+        "pretrain": tmp_path / "out" / "run" / "encoder.safetensors",
+        "finetune": tmp_path / "out" / "run" / "metrics.json",
+        "evaluate": tmp_path / "out" / "metrics.json",
+        "predict": tmp_path / "out" / "masks" / "case_0001.nii.gz",
+    }
+    if command in written:
+        assert written[command].is_file()
