@@ -13,7 +13,8 @@ imports glmae once, then forks one child per run (all at once), which applies it
     slow           every step sleeps 50 ms (so that a signal from outside lands mid-run)
 
 A run with a `signal` (SIGKILL, SIGTERM, SIGINT) gets it from this process `delay` seconds after its
-first line in log.jsonl. RESULTS.json maps each name to the child's exit code (-9: killed) and its
+first line in log.jsonl, sent to its whole process group (DataLoader workers included) as Ctrl-C
+and job schedulers do. RESULTS.json maps each name to the child's exit code (-9: killed) and its
 stderr (also in `<name>.stderr` beside RESULTS.json).
 """
 
@@ -92,6 +93,7 @@ def child(run: dict, stderr: Path) -> None:
         fd = os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 2)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os.setpgid(0, 0)  # a process group of its own, shared with its DataLoader workers
         torch.set_num_threads(1)  # the children share the cores: spinning thread pools would stall them
         apply(run["point"], run["n"])
         main(run["args"])
@@ -130,7 +132,7 @@ def drive(runs: list[dict], results_path: Path) -> None:
             elif run.get("signal") and name not in signal_at and log_started(run):
                 signal_at[name] = time.monotonic() + run.get("delay", 0.0)
             elif name in signal_at and time.monotonic() >= signal_at[name]:
-                os.kill(pid, getattr(signal, run["signal"]))
+                os.killpg(pid, getattr(signal, run["signal"]))
                 signal_at[name] = float("inf")
         time.sleep(0.005)
     for run in runs:  # past the deadline: stop what still runs

@@ -37,6 +37,8 @@ KILLS = {
     ("after-step", 5): 4,
 }
 RANDOM_KILLS = 3
+SIGNALS = ("SIGTERM", "SIGINT")
+WORKERS = ["data.num_workers=2"]  # signals reach the workers too: they must not abort the run
 CUT_WRITES = ("in-write-1", "in-write-2", "before-rename-2")  # leave a temporary file behind
 
 
@@ -80,7 +82,7 @@ def driven(data, tmp_path_factory) -> tuple[Path, dict]:
     runs += [{"name": f"random-{i}", "point": "slow", "n": 0, "signal": "SIGKILL", "delay": rng.uniform(0, 0.4),
               "args": pretrain_args(data, root / f"random-{i}", "train.ckpt_every=1")} for i in range(RANDOM_KILLS)]
     runs += [{"name": sig, "point": "none", "n": 0, "signal": sig, "delay": 0.0,
-              "args": pretrain_args(data, root / sig) + ["--max-steps", "500"]} for sig in ("SIGTERM", "SIGINT")]
+              "args": pretrain_args(data, root / sig, *WORKERS) + ["--max-steps", "500"]} for sig in SIGNALS]
     (root / "runs.json").write_text(json.dumps(runs))
     driver = Path(__file__).with_name("crash_driver.py")
     subprocess.run([sys.executable, str(driver), str(root / "runs.json"), str(root / "results.json")], check=True,
@@ -121,8 +123,8 @@ def test_a_killed_run_keeps_its_last_checkpoint_and_resumes_to_the_same_end(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_sigterm_and_sigint_stop_after_a_checkpoint_and_resume(sig, driven, data, run_cli):
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_sigterm_and_sigint_to_the_process_group_stop_after_a_checkpoint_and_resume(sig, driven, data, run_cli):
     root, results = driven
     run, result = root / sig, results[sig]
     last = run / "checkpoints" / "last.pt"
@@ -132,7 +134,7 @@ def test_sigterm_and_sigint_stop_after_a_checkpoint_and_resume(sig, driven, data
         f"glmae: stopped by signal at step {step}; resume with --resume ({last})"
     )
     assert "Traceback" not in result["stderr"] and 1 <= step < 500
-    code, _, err = run_cli(*pretrain_args(data, run), "--max-steps", step + 2, "--resume")
+    code, _, err = run_cli(*pretrain_args(data, run, *WORKERS), "--max-steps", step + 2, "--resume")
     assert code == 0, err
     assert checkpoint.load(last)["step"] == step + 2
     assert sorted(losses(run)) == list(range(1, step + 3))

@@ -10,6 +10,7 @@ process with batch W·B sees; the number of DataLoader workers changes nothing.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -62,6 +63,11 @@ class SampleDataset(Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    # Ctrl-C and schedulers signal the whole process group: workers leave stopping to the main
+    # process, which finishes its step and writes a checkpoint (a dead worker would abort it);
+    # they still exit when it does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(
