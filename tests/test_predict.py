@@ -73,3 +73,11 @@ def test_channel_files_are_grouped_into_cases(tmp_path, write_nifti):
     assert [p.name for p in cases[0].images] == ["a_0000.nii.gz", "a_0001.nii.gz"]
     with pytest.raises(InputError, match="channel files"):
         prediction_cases(str(tmp_path), 3)
+
+
+def test_numbered_single_channel_scans_are_cases_not_channels(tmp_path, write_nifti):
+    for i in range(3):  # `glmae synth` names: case_0000.nii.gz, case_0001.nii.gz, ...
+        write_nifti(tmp_path / f"case_{i:04d}.nii.gz", np.zeros((4, 4, 4), np.float32))
+    assert [c.id for c in prediction_cases(str(tmp_path), 1)] == ["case_0000", "case_0001", "case_0002"]
+    with pytest.raises(InputError, match="channel files"):  # a multichannel model reads them as channel files
+        prediction_cases(str(tmp_path), 2)

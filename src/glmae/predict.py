@@ -37,7 +37,8 @@ _CHANNEL = re.compile(r"(.+)_(\d{4})$")
 
 
 def prediction_cases(source: str, n_channels: int) -> list[Case]:
-    """The cases to segment in `source`, grouping nnU-Net channel files of image folders."""
+    """The cases to segment in `source`, grouping nnU-Net channel files of image folders. For a
+    single-channel model, names like case_0001.nii.gz that are not all _0000 number cases instead."""
     from glmae.data.formats import load_dataset
 
     dataset = load_dataset(source)
@@ -47,6 +48,8 @@ def prediction_cases(source: str, n_channels: int) -> list[Case]:
     for case in dataset.cases:
         name, channel = _CHANNEL.match(case.id).groups()
         groups[name][int(channel)] = case.images[0]
+    if n_channels == 1 and any(sorted(files) != [0] for files in groups.values()):
+        return dataset.cases
     cases = []
     for name, files in sorted(groups.items()):
         if sorted(files) != list(range(n_channels)):
