@@ -101,3 +101,41 @@ def test_bad_input(bad, command, tmp_path, run_cli, model_checkpoint):
     }
     if command in written:
         assert written[command].is_file()
+
+
+# --- beyond the corpus ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["pretrain", "predict"])
+def test_an_unreadable_subfolder_of_an_image_folder_is_refused_not_skipped(command, tmp_path, run_cli,
+                                                                             model_checkpoint):
+    root = clean_dataset(tmp_path / "data")
+    folder, hidden = root / "imagesTr", root / "imagesTr" / "more"
+    hidden.mkdir()
+    (folder / "case_0002.nii.gz").rename(hidden / "case_0002.nii.gz")
+    os.chmod(hidden, 0)
+    args = {"pretrain": ["pretrain", "--config", "mae3d_tiny", "--data", folder, "--out", tmp_path / "run",
+                         "--max-steps", 1, *sets(PRETRAIN)],
+            "predict": ["predict", "--checkpoint", model_checkpoint, "--input", folder, "--out", tmp_path / "masks"]}
+    try:
+        with permissions_enforced() as enforced:
+            if not enforced:
+                pytest.skip("running as root without capget/capset: an unreadable folder cannot be simulated")
+            code, _, err = run_cli(*args[command])
+    finally:
+        os.chmod(hidden, 0o755)
+    assert (code, err) == (2, f"glmae: error: {hidden}: cannot read: Permission denied\n")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "masks").exists()
+
+
+def test_a_malformed_splits_file_beside_a_checkpoint_is_refused(tmp_path, run_cli, model_checkpoint):
+    root = clean_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").write_bytes(model_checkpoint.read_bytes())
+    (run / "splits.json").write_text('{"train": ["case_0000"]')
+    code, _, err = run_cli("evaluate", "--checkpoint", run / "checkpoints" / "best.pt", "--data", root,
+                           "--out", tmp_path / "metrics.json")
+    assert (code, err) == (2, f"glmae: error: {run}/splits.json: malformed splits file, no 'val' list "
+                              "(JSONDecodeError)\n")
+    assert not (tmp_path / "metrics.json").exists()

@@ -122,7 +122,10 @@ def split_cases(checkpoint: Path, dataset, split: str) -> list:
     if split == "all":
         cases = list(labelled.values())
     elif Path(checkpoint).parent.name == "checkpoints" and splits_path.is_file():
-        ids = json.loads(splits_path.read_text())[split]
+        try:
+            ids = json.loads(splits_path.read_text())[split]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"malformed splits file, no {split!r} list ({type(err).__name__})", splits_path) from None
         missing = [i for i in ids if i not in labelled]
         if missing:
             raise InputError(

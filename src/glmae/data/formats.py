@@ -17,7 +17,8 @@
 Only NIfTI (``.nii``, ``.nii.gz``) is read. Paths in a JSON are relative to the JSON's folder (the
 data set root) and must stay inside it: ``../`` or absolute paths elsewhere are refused, because
 datalists are passed between people and every listed path gets opened. The check is on the written
-path, so symbolic links inside the root (say, to another disk) work as usual.
+path, so symbolic links inside the root (say, to another disk) work as usual. A folder that cannot
+be listed (permissions) is an error, never silently skipped with its images.
 
 Case ids are image file names without extension (and without the ``_0000`` channel suffix of
 nnU-Net, or of a case listing several channel files). When two different files share a name, every

@@ -225,7 +225,8 @@ def info(source: str) -> int:
     if not out.is_terminal:  # a pipe or file: wide rows rather than wrapped cells
         out.width = max(out.width, 160)
     rows, warnings = [], []
-    progress = track(dataset.cases, "reading", console=err, transient=True, disable=len(dataset.cases) < 20)
+    progress = track(dataset.cases, "reading", console=err, transient=True,
+                     disable=len(dataset.cases) < 20 or not err.is_terminal)  # off a terminal: no empty line
     for case in progress:
         row, case_problems, case_warnings = _inspect(case, dataset)
         rows.append(row)
