@@ -66,9 +66,9 @@ def reference(data, tmp_path_factory):
     from glmae.cli import main
 
     run = tmp_path_factory.mktemp("reference") / "run"
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as done:
         main(pretrain_args(data, run))
-    assert exit.value.code in (0, None)
+    assert done.value.code in (0, None)
     return losses(run)
 
 

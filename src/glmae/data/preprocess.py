@@ -144,9 +144,7 @@ class Preprocessor:
     def __call__(self, case: Case, with_label: bool = True) -> Volume:
         """The case's Volume, from the cache or computed into it. `with_label=False` never opens the label."""
         with_label = with_label and case.label is not None
-        key = _key(self.settings, case.images)
-        meta_path, image_path = self.cache / f"{key}.json", self.cache / f"{key}.image.npy"
-        label_path = self._label_path(key, case) if with_label else None
+        meta_path, image_path, label_path = self._paths(case, with_label)
         image_cached = meta_path.is_file() and image_path.is_file()
         if not image_cached or (label_path is not None and not label_path.is_file()):
             opened, problems = check_headers(case, len(self.modalities), with_label)
@@ -169,16 +167,17 @@ class Preprocessor:
             source=meta["source"],
         )
 
-    def _label_path(self, key: str, case: Case) -> Path:
-        declared = None if self.label_values is None else sorted(self.label_values)
-        return self.cache / f"{_key({'image': key, 'declared': declared}, (case.label,))}.label.npy"
+    def _paths(self, case: Case, with_label: bool) -> tuple[Path, Path, Path | None]:
+        """(JSON, image .npy, label .npy or None) of the case's cache entry."""
+        key = _key(self.settings, case.images)
+        label = None
+        if with_label and case.label is not None:
+            declared = None if self.label_values is None else sorted(self.label_values)
+            label = self.cache / f"{_key({'image': key, 'declared': declared}, (case.label,))}.label.npy"
+        return self.cache / f"{key}.json", self.cache / f"{key}.image.npy", label
 
     def cached(self, case: Case, with_label: bool = True) -> bool:
-        key = _key(self.settings, case.images)
-        files = [self.cache / f"{key}.json", self.cache / f"{key}.image.npy"]
-        if with_label and case.label is not None:
-            files.append(self._label_path(key, case))
-        return all(f.is_file() for f in files)
+        return all(path.is_file() for path in self._paths(case, with_label) if path is not None)
 
     def check(self, cases: list[Case], with_label: bool = True) -> None:
         """Check the headers of every case not in the cache (fast: no voxels are read); InputError for
