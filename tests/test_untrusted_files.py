@@ -57,12 +57,15 @@ def test_no_loader_in_the_package_unpickles_arbitrary_objects():
     assert problems == []
 
 
-def test_the_yaml_loader_is_safe():
+def test_the_yaml_loader_is_safe(tmp_path):
+    import yaml
+
     from glmae.config import _Loader, _yaml_load
 
-    assert issubclass(_Loader, __import__("yaml").SafeLoader)
-    with pytest.raises(Exception, match="could not determine a constructor"):
-        _yaml_load("!!python/object/apply:os.system ['touch /tmp/pwned']")
+    assert issubclass(_Loader, yaml.SafeLoader)
+    with pytest.raises(yaml.constructor.ConstructorError, match="could not determine a constructor"):
+        _yaml_load(f"!!python/object/apply:builtins.open ['{tmp_path / 'pwned'}', 'w']")
+    assert not (tmp_path / "pwned").exists()
 
 
 class _Payload:
