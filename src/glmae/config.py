@@ -244,9 +244,9 @@ def build(cls: type, data: Any, where: str = "") -> Any:
     family = _family(cls)
     if family is not None:
         registry, key = family
-        if not registry:
-            _load_plugins()
         choice = data.get(key, "")
+        if choice not in registry:  # registered by a plugin module not imported yet
+            _load_plugins()
         if choice not in registry:
             known = ", ".join(sorted(registry))
             raise InputError(f"config: {where}.{key}: unknown {key} {choice!r} (known: {known})")

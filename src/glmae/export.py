@@ -8,6 +8,8 @@ Sources: a fine-tuning checkpoint, a pretraining checkpoint or an `encoder.safet
   UNETR fixes patch 16 and 12 blocks: other encoders are refused (use monai-vit).
 - `monai-vit`: a state dict for `monai.networks.nets.ViT(**args)` (any patch size and depth).
 - `safetensors`: the encoder alone with its `.json`, as pretraining writes it (`--init` loads it).
+  The only format for Swin encoders (GMIM, Swin-UNETR): their weights are already a state dict for
+  MONAI's `SwinUNETR(...).swinViT`.
 
 MONAI's position embeddings are per image size: we write our fixed sin-cos embedding for the token
 grid of `img_size` (the checkpoint's ROI; 96³ for an encoder.safetensors, which records none). In
@@ -27,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from glmae.config import Config, ViTConfig
+from glmae.config import Config, EncoderConfig, ViTConfig
 from glmae.engine import checkpoint
 from glmae.errors import InputError
 
@@ -86,7 +88,7 @@ def read_source(path: Path) -> Source:
     if path.suffix == ".safetensors":
         weights, arch, _ = read_encoder(path)
         meta = json.loads(path.with_suffix(".json").read_text())
-        return Source(cfglib.build(ViTConfig, arch), weights, None, None, DEFAULT_IMG_SIZE, meta)
+        return Source(cfglib.build(EncoderConfig, arch), weights, None, None, DEFAULT_IMG_SIZE, meta)
     state = checkpoint.load(path)
     cfg, model, encoder = model_from_checkpoint(state, path)
     img_size = tuple(getattr(cfg.method, "roi", DEFAULT_IMG_SIZE))
@@ -117,6 +119,10 @@ def export(source: Path, format: str, out: Path) -> Path:
         checkpoint.save_encoder(encoder, meta, out)
         print(f"wrote the encoder ({len(encoder)} tensors) to {out} and {out.with_suffix('.json')}")
         return out
+    if enc_cfg.arch != "vit":
+        raise InputError(f"--format {format}: the encoder is a {enc_cfg.arch}, not a ViT (a Swin encoder's weights "
+                         f"load as they are into monai.networks.nets.SwinUNETR(...).swinViT: use --format safetensors)",
+                         source)
     if format == "monai-vit":
         _save_torch(monai_vit_weights(encoder, enc_cfg, img_size), monai_vit_args(enc_cfg, img_size), out)
         print(f"wrote a monai.networks.nets.ViT state dict to {out}, its arguments to {out.with_suffix('.json')}")

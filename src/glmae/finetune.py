@@ -1,5 +1,5 @@
-"""`glmae finetune`: a segmentation network (UNETR) with a pretrained or random encoder, trained by
-the shared engine on the labelled cases, validated by sliding-window Dice.
+"""`glmae finetune`: a segmentation network (UNETR, Swin-UNETR) with a pretrained or random encoder,
+trained by the shared engine on the labelled cases, validated by sliding-window Dice.
 
 Splits (written to RUN/splits.json as {"train": [ids], "val": [ids], "test": [ids]}, read by
 `glmae evaluate`): the data set's own `validation` and `test` lists when it has them; otherwise a
@@ -10,8 +10,9 @@ and the subsets are nested (the 25% subset is a prefix of the 50% one).
 
 `--init` loads the encoder weights of an `encoder.safetensors` (+ its `encoder.json`), of a
 pretraining checkpoint (the encoder that pretraining exports, e.g. GL-MAE's teacher) or of another
-fine-tuning checkpoint; its architecture must equal the config's encoder. Position embeddings are
-fixed sin-cos for the ROI's token grid, so nothing is interpolated.
+fine-tuning checkpoint; its architecture (every encoder field but `drop_path`) must equal the
+config's encoder. Position embeddings are fixed sin-cos for the ROI's token grid (ViT) or relative
+within attention windows (Swin), so nothing is interpolated.
 
 The resolved config records the options (`method.mode`, `init`, `label_fraction`, `split_seed`),
 the label names and values (`method.labels`, `method.regions`, from the data set when the config
@@ -29,15 +30,15 @@ import numpy as np
 import torch
 
 from glmae import config as cfglib
-from glmae.config import Config, ViTConfig
+from glmae.config import Config, EncoderConfig
 from glmae.engine import checkpoint, distributed
 from glmae.engine.data import SampleDataset
 from glmae.engine.trainer import fit
 from glmae.errors import InputError
 
 VAL_FRACTION = 0.2
-# fields that make two encoders the same architecture (drop_path only matters in training)
-ARCH_FIELDS = ("arch", "in_channels", "patch_size", "width", "depth", "heads", "mlp_ratio", "qkv_bias")
+# encoder fields that do not change the architecture (every other field does)
+TRAINING_FIELDS = ("drop_path",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,10 +108,11 @@ def read_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
     return encoder.state_dict(), cfglib.to_dict(cfg.encoder), description
 
 
-def architecture_mismatch(theirs: dict, ours: ViTConfig) -> list[str]:
+def architecture_mismatch(theirs: dict, ours: EncoderConfig) -> list[str]:
     """'field file-value != config-value' for each architecture field that differs."""
     ours = cfglib.to_dict(ours)
-    return [f"{k} {theirs.get(k)!r} != {ours[k]!r}" for k in ARCH_FIELDS if theirs.get(k) != ours[k]]
+    fields = [k for k in ours if k not in TRAINING_FIELDS]
+    return [f"{k} {theirs.get(k)!r} != {ours[k]!r}" for k in fields if theirs.get(k) != ours[k]]
 
 
 def _names(keys, n: int = 3) -> str:
@@ -148,7 +150,7 @@ def load_init(encoder: torch.nn.Module, init: str, cfg: Config) -> str:
 def resolve(cfg: Config, dataset, init: str, mode: str, label_fraction: float, split_seed: int) -> Config:
     """The config with the command-line options, label names/values and intensity mode filled in."""
     from glmae.data.preprocess import intensity_mode
-    from glmae.models.patches import token_grid
+    from glmae.methods.segmentation import check_network
 
     method = cfg.method
     regions = {name: list(values) for name, values in (method.regions or dataset.regions).items()}
@@ -156,10 +158,7 @@ def resolve(cfg: Config, dataset, init: str, mode: str, label_fraction: float, s
     if not labels and not regions:
         raise InputError("the data set declares no `labels`; set them with --set method.labels=...", dataset.root)
     labels.setdefault(0, "background")
-    try:
-        token_grid(method.roi, cfg.encoder.patch_size)
-    except ValueError as err:
-        raise InputError(f"config: method.roi: {err}") from None
+    check_network(method, cfg.encoder)
     method = dataclasses.replace(
         method, labels=dict(sorted(labels.items())), regions=regions, mode=mode, init=str(init),
         label_fraction=float(label_fraction), split_seed=int(split_seed),

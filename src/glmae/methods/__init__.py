@@ -12,6 +12,6 @@ from glmae.methods.segmentation import Segmenter
 
 PRETRAINING = {"mae3d": MAE3D, "glmae": GLMAE}
 # Fine-tuning: method name -> training module (its network is chosen by segmentation.NETWORKS)
-SEGMENTATION = {"unetr": Segmenter}
+SEGMENTATION = {"unetr": Segmenter, "swin_unetr": Segmenter}
 
 __all__ = ["PRETRAINING", "GLMAE", "GLMAEConfig", "MAE3D", "MAE3DConfig"]

@@ -41,6 +41,9 @@ from glmae.config import MethodConfig, OptimConfig, ViTConfig, register_method
 from glmae.data import sampling
 from glmae.engine.optim import param_groups
 from glmae.engine.trainer import autocast
+from glmae.errors import InputError
+from glmae.models.patches import token_grid
+from glmae.models.swin import SwinConfig, SwinUNETR
 from glmae.models.unetr import UNETR
 
 MODES = ("linear", "e2e")
@@ -68,13 +71,42 @@ class SegmentationConfig(MethodConfig):
     split_seed: int = 0  # --split-seed
 
 
+@register_method("swin_unetr")
+@dataclass
+class SwinUNETRConfig(SegmentationConfig):
+    """Swin-UNETR: MONAI's network on a Swin encoder (`encoder.arch: swin`), whose feature size
+    sets the decoder's widths too (`feature_size` here is UNETR's and unused)."""
+
+    name: str = "swin_unetr"
+
+
 def _unetr(encoder: ViTConfig, cfg: SegmentationConfig, out_channels: int) -> nn.Module:
     return UNETR(encoder, out_channels, cfg.feature_size, cfg.norm)
 
 
+def _swin_unetr(encoder: SwinConfig, cfg: SegmentationConfig, out_channels: int) -> nn.Module:
+    return SwinUNETR(encoder, out_channels, cfg.norm)
+
+
 # Method name -> network builder (encoder config, method config, output channels). A network
 # exposes `encoder` (the pretrained part), `num_layers` and `layer_of(name)` (layer-wise lr decay).
-NETWORKS = {"unetr": _unetr}
+NETWORKS = {"unetr": _unetr, "swin_unetr": _swin_unetr}
+ENCODERS = {"unetr": "vit", "swin_unetr": "swin"}  # the encoder architecture each network takes
+
+
+def check_network(cfg: SegmentationConfig, encoder) -> None:
+    """InputError unless the network takes the encoder and the ROI: UNETR a ViT and sides that are
+    multiples of the patch; Swin-UNETR a Swin and multiples of patch^5 (MONAI's check, 32 for patch 2)."""
+    if encoder.arch != ENCODERS[cfg.name]:
+        raise InputError(f"config: encoder.arch: {cfg.name} needs a {ENCODERS[cfg.name]} encoder, not {encoder.arch!r}")
+    if cfg.name == "unetr":
+        try:
+            token_grid(cfg.roi, encoder.patch_size)
+        except ValueError as err:
+            raise InputError(f"config: method.roi: {err}") from None
+    elif any(n % encoder.patch_size**5 for n in cfg.roi):
+        raise InputError(f"config: method.roi: Swin-UNETR needs sides that are multiples of "
+                         f"{encoder.patch_size**5} (patch_size^5), got {list(cfg.roi)}")
 
 
 # ----------------------------------------------------------------------------------------------
