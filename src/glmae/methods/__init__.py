@@ -7,11 +7,12 @@ become `encoder.safetensors`.
 """
 
 from glmae.methods.glmae import GLMAE, GLMAEConfig
+from glmae.methods.gmim import GMIM, GMIMConfig
 from glmae.methods.mae3d import MAE3D, MAE3DConfig
 from glmae.methods.segmentation import Segmenter
 
-PRETRAINING = {"mae3d": MAE3D, "glmae": GLMAE}
+PRETRAINING = {"mae3d": MAE3D, "glmae": GLMAE, "gmim": GMIM}
 # Fine-tuning: method name -> training module (its network is chosen by segmentation.NETWORKS)
 SEGMENTATION = {"unetr": Segmenter, "swin_unetr": Segmenter}
 
-__all__ = ["PRETRAINING", "GLMAE", "GLMAEConfig", "MAE3D", "MAE3DConfig"]
+__all__ = ["PRETRAINING", "GLMAE", "GLMAEConfig", "GMIM", "GMIMConfig", "MAE3D", "MAE3DConfig"]
