@@ -299,3 +299,13 @@ def test_a_swin_encoder_of_another_architecture_or_roi_is_refused(phantoms, tmp_
     assert code == 2 and "use --format safetensors" in err
     code, _, err = run_cli("export", "--checkpoint", path, "--format", "safetensors", "--out", tmp_path / "e.st")
     assert code == 0, err
+
+
+def test_the_paper_scale_config_has_the_papers_numbers():
+    cfg = load_config("gmim_swin")
+    model = GMIM(cfg.encoder, cfg.method)
+    assert (model.projector.in_features, model.projector.out_features) == (768, 512)
+    assert sum(isinstance(m, torch.nn.Upsample) for m in model.decoder) == 5
+    assert model.levels == [(64, 64, 64), (64, 64, 64), (32, 32, 32), (16, 16, 16)]
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.data.ct_window) == (4e-4, 500, (-1000.0, 1000.0))
+    assert load_config("swin_unetr").encoder == cfg.encoder  # pretrained and fine-tuned Swin agree
