@@ -128,7 +128,7 @@ def test_teacher_is_the_ema_of_the_student_and_gets_no_gradient():
     torch.manual_seed(0)
     model = GLMAE(ENCODER, tiny_cfg())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    teacher_before = copy.deepcopy(model.teacher.state_dict())
+    teacher_before = {k: v.detach().clone() for k, v in model.teacher.named_parameters()}
     loss, _ = model(batch_of(model))
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
@@ -136,10 +136,10 @@ def test_teacher_is_the_ema_of_the_student_and_gets_no_gradient():
     logs = model.after_step(1, 10)
     m = momentum_at(0, 10, 0.996)
     assert logs["momentum"] == pytest.approx(m)
-    student = {**{f"encoder.{k}": v for k, v in model.encoder.state_dict().items()},
-               **{f"head.{k}": v for k, v in model.head.state_dict().items()}}
+    student = {**{f"encoder.{k}": v for k, v in model.encoder.named_parameters()},
+               **{f"head.{k}": v for k, v in model.head.named_parameters()}}
     changed = 0
-    for name, after in model.teacher.state_dict().items():
+    for name, after in model.teacher.named_parameters():
         expected = m * teacher_before[name] + (1 - m) * student[name]
         torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7, msg=name)
         changed += not torch.equal(after, teacher_before[name])

@@ -1,6 +1,7 @@
 """`glmae pretrain` end to end on phantoms, as a user runs it."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -55,6 +56,8 @@ def test_glmae_tiny_lowers_reconstruction_with_every_term_finite(phantoms, tmp_p
         first, last = first_last(records, key)
         assert last < 0.9 * first, (key, first, last)
     assert 0.996 <= records[0]["momentum"] < records[-1]["momentum"] <= 1.0
+    # no collapse: a uniform teacher (entropy log 512) or a one-hot one (0) would carry no signal
+    assert 0.05 < records[-1]["teacher_entropy"] < math.log(512) - 1
 
 
 def test_an_existing_run_is_not_overwritten_and_resumes(phantoms, tmp_path, run_cli):
