@@ -1,6 +1,5 @@
 """GL-MAE: views, teacher, consistency loss, momentum schedule, ablation switches."""
 
-import copy
 import math
 import types
 
