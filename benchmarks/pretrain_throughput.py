@@ -263,7 +263,35 @@ def main(argv=None):
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+def markdown(result: dict) -> str:
+    """The results as a report: step table, speed-ups, loader."""
+    peaks = result["matmul_peak_gflops"]
+    lines = [
+        "# MAE3D pre-training throughput: glmae vs MONAI's MaskedAutoEncoderViT",
+        "",
+        f"Machine: {result['machine']}; matmul peak {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} bf16. "
+        "One training step = forward, backward, AdamW; median over rounds of per-process medians.",
+        "",
+        "| size | precision | implementation | s/step | samples/s | GFLOP/s | % of matmul peak | peak RSS (MB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["steps"]:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['precision']} | {r['impl']} | fails: {r['error'][:60]}… | | | | |")
+        else:
+            lines.append(f"| {r['size']} | {r['precision']} | {r['impl']} | {r['step_s']:.3f} "
+                         f"| {r['samples_per_s']:.2f} | {r['gflops']:.0f} | {100 * r['peak_fraction']:.0f} "
+                         f"| {r['peak_rss_mb']:.0f} |")
+    lines += ["", "| size | glmae | reference | speed-up |", "|---|---|---|---:|"]
+    lines += [f"| {r['size']} | {r['glmae']} | {r['reference']} | {r['speedup']:.2f}x |" for r in result["ratios"]]
+    lines += ["", "| size | loader workers | crops/s |", "|---|---:|---:|"]
+    lines += [f"| {r['size']} | {r['workers']} | {r['crops_per_s']:.0f} |" for r in result["loader"]]
+    lines += ["", f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ def load(name):
     return module
 
 
-def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path):
+def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # worker processes import the script by name
     bench = load("label_efficiency")
-    bench.main(["--setting", "smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")])
+    work = ["--setting", "smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]
+    bench.main([*work, "--jobs", "2"])
     data = json.loads((tmp_path / "results" / "label_efficiency_smoke.json").read_text())
     rows = data["results"]
     assert {(r["method"], r["mode"], r["fraction"]) for r in rows} == {("scratch", "e2e", 0.5), ("glmae", "e2e", 0.5)}
@@ -27,7 +29,10 @@ def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path):
     md = (tmp_path / "results" / "label_efficiency_smoke.md").read_text()
     assert "| Sup. UNETR (scratch) |" in md and "| GL-MAE |" in md and "e2e 50%" in md
     assert (tmp_path / "results" / "label_efficiency_smoke.png").stat().st_size > 1000
+    logs = {p.name for p in (tmp_path / "work" / "logs").glob("*.log")}  # each cell ran in a worker
+    assert logs == {"pretrain_glmae.log", "scratch_e2e_0.5_0.log", "glmae_e2e_0.5_0.log"}
+    assert "finetune step 2/2" in (tmp_path / "work" / "logs" / "glmae_e2e_0.5_0.log").read_text()
     # resumable: a second invocation finds every cell done
     stamp = (tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0" / "metrics.json").stat().st_mtime_ns
-    bench.main(["--setting", "smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")])
+    bench.main(work)
     assert (tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0" / "metrics.json").stat().st_mtime_ns == stamp
