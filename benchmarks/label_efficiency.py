@@ -85,12 +85,16 @@ def pretrain_cell(method: str, s: Setting, pool: Path, work: Path) -> Path:
     return encoder
 
 
+def cell_dir(work: Path, method: str, mode: str, fraction: float, seed: int) -> Path:
+    return work / "finetune" / f"{method}_{mode}_{fraction:g}_seed{seed}"
+
+
 def finetune_cell(method: str, mode: str, fraction: float, seed: int, s: Setting, data: Path, work: Path,
                   encoders: dict) -> dict:
     from glmae.config import load_config
     from glmae.finetune import finetune
 
-    run = work / "finetune" / f"{method}_{mode}_{fraction:g}_seed{seed}"
+    run = cell_dir(work, method, mode, fraction, seed)
     metrics = run / "metrics.json"
     if not metrics.exists():
         overrides = [*s.finetune_set, f"train.max_steps={s.finetune_steps}", "train.epochs=0", f"train.seed={seed}"]
@@ -158,6 +162,24 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def per_organ(organs: dict) -> list[dict]:
+    """{(method, mode, fraction): [per-class Dice per seed]} -> rows of mean Dice per organ."""
+    return [{"method": m, "mode": mode, "fraction": f,
+             "dice": {k: float(np.mean([seed[k] for seed in seeds])) for k in seeds[0]}}
+            for (m, mode, f), seeds in sorted(organs.items())]
+
+
+def organ_table(rows: list[dict], fraction: float) -> list[str]:
+    rows = {r["method"]: r["dice"] for r in rows if r["mode"] == "e2e" and r["fraction"] == fraction}
+    methods = [m for m in NAMES if m in rows]
+    if not methods:
+        return []
+    lines = ["| organ | " + " | ".join(NAMES[m] for m in methods) + " |", "|---|" + "---:|" * len(methods)]
+    for organ in rows[methods[0]]:
+        lines.append(f"| {organ} | " + " | ".join(f"{100 * rows[m][organ]:.1f}" for m in methods) + " |")
+    return lines
+
+
 def plot(rows: list[dict], path: Path) -> None:
     from glmae.figures import _figure, _save
 
@@ -184,23 +206,29 @@ def main(argv=None) -> dict:
     p.add_argument("--work", type=Path, default=HERE / "work" / "label_efficiency")
     p.add_argument("--results", type=Path, default=HERE / "results")
     p.add_argument("--jobs", type=int, default=1, help="cells run concurrently (each with cores/jobs threads)")
+    p.add_argument("--report-only", action="store_true", help="summarise the cells done so far, train nothing")
     args = p.parse_args(argv)
     s = SETTINGS[args.setting]
     start = time.time()
-    from glmae.demo import make_data
-
-    pool, data = make_data(args.work / "data", s.pool, s.train, s.test, s.shape)
-    pretrain = [(("pretrain", m), pretrain_cell, (m, s, pool, args.work)) for m in s.methods if m != "scratch"]
-    encoders = {key[1]: path for key, path in run_cells(pretrain, args.jobs, args.work)}
     plan = [(m, "e2e", f) for f in s.fractions for m in s.methods]
     if s.linear:
         plan += [(m, "linear", 1.0) for m in s.methods]
-    # seeds outermost: a partial run already has every cell once
-    finetune = [((m, mode, f, seed), finetune_cell, (m, mode, f, seed, s, data, args.work, encoders))
-                for seed in s.seeds for m, mode, f in plan]
+    keys = [(m, mode, f, seed) for seed in s.seeds for m, mode, f in plan]  # seeds outermost: a partial
+    if args.report_only:  # run already has every cell once
+        keys = [k for k in keys if (cell_dir(args.work, *k) / "metrics.json").exists()]
+        data, encoders = None, {}
+    else:
+        from glmae.demo import make_data
+
+        pool, data = make_data(args.work / "data", s.pool, s.train, s.test, s.shape)
+        pretrain = [(("pretrain", m), pretrain_cell, (m, s, pool, args.work)) for m in s.methods if m != "scratch"]
+        encoders = {key[1]: path for key, path in run_cells(pretrain, args.jobs, args.work)}
+    finetune = [(k, finetune_cell, (*k, s, data, args.work, encoders)) for k in keys]
     cells: dict = {}
+    organs: dict = {}  # (method, mode, fraction) -> [per-organ Dice of each seed]
     for (method, mode, fraction, seed), metrics in run_cells(finetune, args.jobs, args.work):
         cells.setdefault((method, mode, fraction), {})[seed] = metrics["mean_dice"]
+        organs.setdefault((method, mode, fraction), []).append(metrics["per_class"])
         print(f"{method} {mode} {fraction:.0%} seed {seed}: mean Dice {metrics['mean_dice']:.4f}", flush=True)
     rows = summarise(cells)
     minutes = (time.time() - start) / 60
@@ -212,6 +240,7 @@ def main(argv=None) -> dict:
         "command": command.strip(),
         "wall_minutes_this_invocation": minutes,
         "results": rows,
+        "per_organ": per_organ(organs),
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / ("label_efficiency" if args.setting == "full" else f"label_efficiency_{args.setting}")
@@ -228,6 +257,10 @@ def main(argv=None) -> dict:
         *table(rows),
         "",
         f"![Dice vs label fraction]({stem.with_suffix('.png').name})",
+        "",
+        "Dice per organ (%, mean over seeds), end to end at the smallest label fraction:",
+        "",
+        *organ_table(result["per_organ"], min(s.fractions)),
         "",
         f"Machine: {result['machine']}. Wall time of this invocation: {minutes:.1f} min.",
         "",

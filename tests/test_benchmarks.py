@@ -26,7 +26,9 @@ def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path, monkeyp
     assert {(r["method"], r["mode"], r["fraction"]) for r in rows} == {("scratch", "e2e", 0.5), ("glmae", "e2e", 0.5)}
     for r in rows:
         assert 0.0 <= r["mean"] <= 1.0 and r["seeds"] == [0] and r["std"] == 0.0
+    assert [(r["method"], len(r["dice"])) for r in data["per_organ"]] == [("glmae", 13), ("scratch", 13)]
     md = (tmp_path / "results" / "label_efficiency_smoke.md").read_text()
+    assert "| liver |" in md  # the per-organ table
     assert "| Sup. UNETR (scratch) |" in md and "| GL-MAE |" in md and "e2e 50%" in md
     assert (tmp_path / "results" / "label_efficiency_smoke.png").stat().st_size > 1000
     logs = {p.name for p in (tmp_path / "work" / "logs").glob("*.log")}  # each cell ran in a worker
@@ -36,3 +38,16 @@ def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path, monkeyp
     stamp = (tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0" / "metrics.json").stat().st_mtime_ns
     bench.main(work)
     assert (tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_label_efficiency_report_only_summarises_done_cells_without_training(tmp_path):
+    bench = load("label_efficiency")
+    work = tmp_path / "work"
+    for method, dice in (("scratch", 0.2), ("glmae", 0.4)):
+        cell = bench.cell_dir(work, method, "e2e", 0.5, 0)
+        cell.mkdir(parents=True)
+        (cell / "metrics.json").write_text(json.dumps({"mean_dice": dice, "per_class": {"liver": dice}}))
+    bench.main(["--setting", "smoke", "--work", str(work), "--results", str(tmp_path / "results"), "--report-only"])
+    rows = json.loads((tmp_path / "results" / "label_efficiency_smoke.json").read_text())["results"]
+    assert {r["method"]: r["mean"] for r in rows} == {"scratch": 0.2, "glmae": 0.4}
+    assert not (work / "pretrain").exists() and not (work / "data").exists()
