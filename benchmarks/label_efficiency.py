@@ -60,7 +60,7 @@ FINETUNE = "unetr_tiny"
 COARSE = (*COARSE_FINETUNE, "train.val_every=100")
 
 SETTINGS = {
-    "full": Setting(pool=48, train=8, test=8, shape=(64, 64, 48), pretrain_steps=1000, finetune_steps=400,
+    "full": Setting(pool=48, train=8, test=8, shape=(64, 64, 48), pretrain_steps=1000, finetune_steps=250,
                     seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0), finetune_set=COARSE),
     "smoke": Setting(
         pool=2, train=2, test=1, shape=(32, 32, 24), pretrain_steps=2, finetune_steps=2, seeds=(0,),
