@@ -49,7 +49,7 @@ class Plan:
 # 0.28 s on 2 cores instead of 0.95 s at 3x3x4 mm, and UNETR needs several hundred steps to get past
 # the large organs. Pre-training keeps 3x3x4 mm (its views are resized anyway).
 COARSE_FINETUNE = ("data.spacing=[4.0,4.0,6.0]", "method.roi=[48,48,32]")
-QUICK = Plan(pool=16, train=3, test=4, shape=(64, 64, 48), pretrain_steps=150, finetune_steps=200,
+QUICK = Plan(pool=16, train=3, test=4, shape=(64, 64, 48), pretrain_steps=120, finetune_steps=160,
              finetune_set=COARSE_FINETUNE)
 FULL = Plan(pool=48, train=4, test=8, shape=(64, 64, 48), pretrain_steps=1500, finetune_steps=800,
             validations=8, finetune_set=COARSE_FINETUNE)
