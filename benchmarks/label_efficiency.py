@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glmae.demo import COARSE_FINETUNE
+from glmae.demo import COARSE_FINETUNE, make_data
 
 HERE = Path(__file__).parent
 
@@ -213,13 +213,12 @@ def main(argv=None) -> dict:
     plan = [(m, "e2e", f) for f in s.fractions for m in s.methods]
     if s.linear:
         plan += [(m, "linear", 1.0) for m in s.methods]
-    keys = [(m, mode, f, seed) for seed in s.seeds for m, mode, f in plan]  # seeds outermost: a partial
-    if args.report_only:  # run already has every cell once
+    # seeds outermost: a partial run already has every cell once
+    keys = [(m, mode, f, seed) for seed in s.seeds for m, mode, f in plan]
+    if args.report_only:
         keys = [k for k in keys if (cell_dir(args.work, *k) / "metrics.json").exists()]
         data, encoders = None, {}
     else:
-        from glmae.demo import make_data
-
         pool, data = make_data(args.work / "data", s.pool, s.train, s.test, s.shape)
         pretrain = [(("pretrain", m), pretrain_cell, (m, s, pool, args.work)) for m in s.methods if m != "scratch"]
         encoders = {key[1]: path for key, path in run_cells(pretrain, args.jobs, args.work)}
