@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import os
 import platform
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,14 +62,14 @@ FINETUNE = "unetr_tiny"
 COARSE = (*COARSE_FINETUNE, "train.val_every=100")
 
 SETTINGS = {
-    "full": Setting(pool=48, train=8, test=8, shape=(64, 64, 48), pretrain_steps=1000, finetune_steps=250,
+    "full": Setting(pool=48, train=8, test=8, shape=(64, 64, 48), pretrain_steps=1000, finetune_steps=400,
                     seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0), finetune_set=COARSE),
     "smoke": Setting(
         pool=2, train=2, test=1, shape=(32, 32, 24), pretrain_steps=2, finetune_steps=2, seeds=(0,),
         fractions=(0.5,), methods=("scratch", "glmae"), linear=False,
         pretrain_set=("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "method.global_size=[32,32,32]",
                       "method.local_size=[16,16,16]", "method.n_local=2"),
-        finetune_set=("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "method.roi=[32,32,24]",
+        finetune_set=("data.spacing=[6.0,6.0,8.0]", "data.num_workers=1", "method.roi=[32,32,24]",
                       "train.val_every=0"),
     ),
 }
@@ -107,28 +109,51 @@ def finetune_cell(method: str, mode: str, fraction: float, seed: int, s: Setting
     return json.loads(metrics.read_text())
 
 
-def _cell(threads: int, log: Path, fn, *args):
+def _cell(threads: int, log: Path, key: tuple, fn, *args):
     """Run one cell in a worker process with its own thread budget and log file."""
     torch.set_num_threads(threads)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        return fn(*args)
+        return key, fn(*args)
 
 
 def run_cells(cells: list[tuple], jobs: int, work: Path):
     """Yield (key, result) for cells [(key, fn, args)]; with jobs > 1 they run concurrently in
     worker processes sharing the cores (two 1-thread cells on 2 cores do ~1.3x the work of one
-    2-thread cell: the tiny networks do not keep two threads busy), logging to WORK/logs/."""
+    2-thread cell: the tiny networks do not keep two threads busy), in order of completion, logging
+    to WORK/logs/. A failing cell, Ctrl-C or SIGTERM stops the workers (a training cell checkpoints
+    first and resumes on the next invocation) and starts no further cell."""
     if jobs == 1:
         for key, fn, args in cells:
             yield key, fn(*args)
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {key: pool.submit(_cell, threads, work / "logs" / f"{'_'.join(map(str, key))}.log", fn, *args)
-                   for key, fn, args in cells}
-        for key, future in futures.items():
-            yield key, future.result()
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    omp = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read when a worker loads torch
+    todo, running = iter(cells), set()
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                while True:  # submit a cell only when a worker is free, so none waits in a queue
+                    for key, fn, args in itertools.islice(todo, jobs - len(running)):
+                        log = work / "logs" / f"{'_'.join(map(str, key))}.log"
+                        running.add(pool.submit(_cell, threads, log, key, fn, *args))
+                    if not running:
+                        return
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+            except BaseException:
+                for worker in multiprocessing.active_children():
+                    worker.terminate()  # a training cell checkpoints at the end of its step and stops
+                raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
 
 
 def summarise(cells: dict) -> list[dict]:

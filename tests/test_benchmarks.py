@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
@@ -38,6 +40,23 @@ def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path, monkeyp
     stamp = (tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0" / "metrics.json").stat().st_mtime_ns
     bench.main(work)
     assert (tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_label_efficiency_failing_cell_stops_the_queue_and_the_workers(tmp_path, monkeypatch):
+    import multiprocessing
+    import operator
+    import os
+    import time
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = load("label_efficiency")
+    never = tmp_path / "never"
+    cells = [(("slow", 1), time.sleep, (60,)), (("bad",), operator.truediv, (1, 0)),
+             (("slow", 2), time.sleep, (60,)), (("slow", 3), time.sleep, (60,)), (("last",), os.mkdir, (str(never),))]
+    with pytest.raises(ZeroDivisionError):
+        list(bench.run_cells(cells, jobs=2, work=tmp_path))
+    assert multiprocessing.active_children() == []  # the sleeping worker was stopped, not waited for
+    assert not never.exists()  # and the queued cells never started
 
 
 def test_label_efficiency_report_only_summarises_done_cells_without_training(tmp_path):
