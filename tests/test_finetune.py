@@ -176,7 +176,10 @@ def test_resolve_records_options_labels_regions_and_intensity():
                   "linear", 0.5, 7)
     m = cfg.method
     assert m.regions == {"TC": [1, 4], "ET": [4]} and m.labels == {0: "background", 1: "x"}
-    assert (m.mode, m.init, m.label_fraction, m.split_seed) == ("linear", "enc.safetensors", 0.5, 7)
+    assert (m.mode, m.init, m.label_fraction, m.split_seed) == ("linear", str(Path.cwd() / "enc.safetensors"), 0.5, 7)
+    # recorded absolute, so a run resumes with the same file given by another path
+    assert resolve(load_config("unetr_tiny"), dataset, str(Path.cwd() / "x" / ".." / "enc.safetensors"),
+                   "linear", 0.5, 7).method.init == m.init
     assert cfg.data.intensity == "ct"
     with pytest.raises(InputError, match="multiples of the patch size"):
         resolve(load_config("unetr_tiny", ["method.roi=[60,64,48]"]), dataset, "none", "e2e", 1.0, 0)

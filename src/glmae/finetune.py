@@ -159,8 +159,10 @@ def resolve(cfg: Config, dataset, init: str, mode: str, label_fraction: float, s
         raise InputError("the data set declares no `labels`; set them with --set method.labels=...", dataset.root)
     labels.setdefault(0, "background")
     check_network(method, cfg.encoder)
+    # an absolute path: a run resumes whichever way the same --init file is spelled
+    init = init if init == "none" else str(Path(init).resolve())
     method = dataclasses.replace(
-        method, labels=dict(sorted(labels.items())), regions=regions, mode=mode, init=str(init),
+        method, labels=dict(sorted(labels.items())), regions=regions, mode=mode, init=init,
         label_fraction=float(label_fraction), split_seed=int(split_seed),
     )
     data = dataclasses.replace(cfg.data, intensity=intensity_mode(cfg.data, dataset.modalities))
