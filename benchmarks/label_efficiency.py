@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import itertools
 import json
 import multiprocessing
 import os
 import platform
-import signal
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,38 +116,29 @@ def _cell(threads: int, log: Path, key: tuple, fn, *args):
 
 
 def run_cells(cells: list[tuple], jobs: int, work: Path):
-    """Yield (key, result) for cells [(key, fn, args)]; with jobs > 1 they run concurrently in
-    worker processes sharing the cores (two 1-thread cells on 2 cores do ~1.3x the work of one
-    2-thread cell: the tiny networks do not keep two threads busy), in order of completion, logging
-    to WORK/logs/. A failing cell, Ctrl-C or SIGTERM stops the workers (a training cell checkpoints
-    first and resumes on the next invocation) and starts no further cell."""
+    """Yield (key, result) for cells [(key, fn, args)] in order; with jobs > 1 they run concurrently
+    in worker processes sharing the cores (two 1-thread cells on 2 cores do ~1.3x the work of one
+    2-thread cell: the tiny networks do not keep two threads busy), logging to WORK/logs/. A failing
+    cell or Ctrl-C cancels the remaining cells but the few already queued to the workers; the running
+    ones finish (on Ctrl-C: checkpoint and stop) and the next invocation resumes."""
     if jobs == 1:
         for key, fn, args in cells:
             yield key, fn(*args)
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     omp = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read when a worker loads torch
-    todo, running = iter(cells), set()
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_cell, threads, work / "logs" / f"{'_'.join(map(str, key))}.log", key, fn, *args)
+                       for key, fn, args in cells]
             try:
-                while True:  # submit a cell only when a worker is free, so none waits in a queue
-                    for key, fn, args in itertools.islice(todo, jobs - len(running)):
-                        log = work / "logs" / f"{'_'.join(map(str, key))}.log"
-                        running.add(pool.submit(_cell, threads, log, key, fn, *args))
-                    if not running:
-                        return
-                    done, running = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        yield future.result()
+                for future in futures:
+                    yield future.result()
             except BaseException:
-                for worker in multiprocessing.active_children():
-                    worker.terminate()  # a training cell checkpoints at the end of its step and stops
+                pool.shutdown(cancel_futures=True)
                 raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if omp is None:
             os.environ.pop("OMP_NUM_THREADS")
         else:

@@ -42,7 +42,7 @@ def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path, monkeyp
     assert (tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0" / "metrics.json").stat().st_mtime_ns == stamp
 
 
-def test_label_efficiency_failing_cell_stops_the_queue_and_the_workers(tmp_path, monkeypatch):
+def test_label_efficiency_failing_cell_cancels_the_cells_not_started(tmp_path, monkeypatch):
     import multiprocessing
     import operator
     import os
@@ -51,12 +51,13 @@ def test_label_efficiency_failing_cell_stops_the_queue_and_the_workers(tmp_path,
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     bench = load("label_efficiency")
     never = tmp_path / "never"
-    cells = [(("slow", 1), time.sleep, (60,)), (("bad",), operator.truediv, (1, 0)),
-             (("slow", 2), time.sleep, (60,)), (("slow", 3), time.sleep, (60,)), (("last",), os.mkdir, (str(never),))]
+    # 2 workers + 3 calls queued to them may still start after the failure; the 10th cell never does
+    cells = [(("bad",), operator.truediv, (1, 0)), *[((i,), time.sleep, (0.5,)) for i in range(8)],
+             (("last",), os.mkdir, (str(never),))]
     with pytest.raises(ZeroDivisionError):
         list(bench.run_cells(cells, jobs=2, work=tmp_path))
-    assert multiprocessing.active_children() == []  # the sleeping worker was stopped, not waited for
-    assert not never.exists()  # and the queued cells never started
+    assert not never.exists()  # the queued cells were cancelled, not run on
+    assert multiprocessing.active_children() == []
 
 
 def test_label_efficiency_report_only_summarises_done_cells_without_training(tmp_path):
