@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from glmae.demo import COARSE_FINETUNE, make_data
+from glmae.demo import COARSE_FINETUNE, make_data, run_stage
 
 HERE = Path(__file__).parent
 
@@ -78,11 +78,9 @@ def pretrain_cell(method: str, s: Setting, pool: Path, work: Path) -> Path:
     from glmae.pretrain import pretrain
 
     run = work / "pretrain" / method
-    encoder = run / "encoder.safetensors"
-    if not encoder.exists():
-        cfg = load_config(CONFIGS[method], [*s.pretrain_set, f"train.max_steps={s.pretrain_steps}", "train.epochs=0"])
-        pretrain(cfg, str(pool), run, resume=(run / "checkpoints" / "last.pt").exists())
-    return encoder
+    cfg = load_config(CONFIGS[method], [*s.pretrain_set, f"train.max_steps={s.pretrain_steps}", "train.epochs=0"])
+    run_stage("pretrain", run, pretrain, cfg, str(pool), run)
+    return run / "encoder.safetensors"
 
 
 def cell_dir(work: Path, method: str, mode: str, fraction: float, seed: int) -> Path:
@@ -102,8 +100,8 @@ def finetune_cell(method: str, mode: str, fraction: float, seed: int, s: Setting
             overrides.append("optim.lr=1e-2")  # the papers' linear-probing rate
         cfg = load_config(FINETUNE, overrides)
         init = str(encoders[method]) if method != "scratch" else "none"
-        finetune(cfg, str(data), run, init=init, mode=mode, label_fraction=fraction, split_seed=seed,
-                 resume=(run / "checkpoints" / "last.pt").exists())
+        run_stage("finetune", run, finetune, cfg, str(data), run, init=init, mode=mode, label_fraction=fraction,
+                  split_seed=seed)
     return json.loads(metrics.read_text())
 
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,6 +41,12 @@ def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path, monkeyp
     stamp = (tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0" / "metrics.json").stat().st_mtime_ns
     bench.main(work)
     assert (tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    # a cell killed before its first checkpoint starts over
+    scratch = tmp_path / "work" / "finetune" / "scratch_e2e_0.5_seed0"
+    shutil.rmtree(scratch / "checkpoints")
+    (scratch / "metrics.json").unlink()
+    bench.main(work)
+    assert (scratch / "metrics.json").exists()
 
 
 def test_label_efficiency_failing_cell_cancels_the_cells_not_started(tmp_path, monkeypatch):

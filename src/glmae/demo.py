@@ -77,7 +77,7 @@ def make_data(out: Path, pool: int, train: int, test: int, shape: tuple[int, int
     return pretrain, finetune
 
 
-def _train(kind: str, run: Path, fn, *args, **kwargs) -> None:
+def run_stage(kind: str, run: Path, fn, *args, **kwargs) -> None:
     """Run a training stage unless it finished; resume it if it was interrupted."""
     done = run / ("encoder.safetensors" if kind == "pretrain" else "metrics.json")
     if done.exists():
@@ -228,7 +228,7 @@ def demo(out: str | Path, quick: bool = False, plan: Plan | None = None) -> Path
         pool, labelled = make_data(out / "data", plan.pool, plan.train, plan.test, plan.shape, plan.seed)
         stage(1)
         pre_cfg = load_config(plan.pretrain_config, [*plan.pretrain_set, f"train.max_steps={plan.pretrain_steps}"])
-        _train("pretrain", out / "pretrain", pretrain, pre_cfg, str(pool), out / "pretrain")
+        run_stage("pretrain", out / "pretrain", pretrain, pre_cfg, str(pool), out / "pretrain")
         ft_cfg = load_config(
             plan.finetune_config,
             [*plan.finetune_set, f"train.max_steps={plan.finetune_steps}",
@@ -238,7 +238,7 @@ def demo(out: str | Path, quick: bool = False, plan: Plan | None = None) -> Path
             [("GL-MAE", str(out / "pretrain" / "encoder.safetensors")), ("scratch", "none")], start=2
         ):
             stage(i)
-            _train("finetune", runs[name], finetune, ft_cfg, str(labelled), runs[name],
+            run_stage("finetune", runs[name], finetune, ft_cfg, str(labelled), runs[name],
                    init=init, mode="e2e", label_fraction=1.0, split_seed=plan.seed)
         stage(4)
         metrics = {
