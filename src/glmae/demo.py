@@ -48,7 +48,7 @@ class Plan:
 # Fine-tuning resamples to 4x4x6 mm, where a whole 192 mm phantom is one 48x48x32 ROI: about 2 steps/s
 # on 2 cores (validations included) instead of ~1 s per step at 3x3x4 mm, and UNETR needs several
 # hundred steps to get past the large organs. Pre-training keeps 3x3x4 mm (its views are resized
-# anyway; ~0.42 s per GL-MAE step). --quick measured: 4.1 min with 120 / 160 steps, 2.7 min with these.
+# anyway; ~0.42 s per GL-MAE step). Measured: --quick 2.7 min (4.1 min with 120 / 160 steps), full 17.5 min.
 COARSE_FINETUNE = ("data.spacing=[4.0,4.0,6.0]", "method.roi=[48,48,32]")
 QUICK = Plan(pool=16, train=3, test=4, shape=(64, 64, 48), pretrain_steps=100, finetune_steps=110,
              finetune_set=COARSE_FINETUNE)
