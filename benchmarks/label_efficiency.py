@@ -105,12 +105,12 @@ def finetune_cell(method: str, mode: str, fraction: float, seed: int, s: Setting
     return json.loads(metrics.read_text())
 
 
-def _cell(threads: int, log: Path, key: tuple, fn, *args):
+def _cell(threads: int, log: Path, fn, *args):
     """Run one cell in a worker process with its own thread budget and log file."""
     torch.set_num_threads(threads)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        return key, fn(*args)
+        return fn(*args)
 
 
 def run_cells(cells: list[tuple], jobs: int, work: Path):
@@ -128,11 +128,11 @@ def run_cells(cells: list[tuple], jobs: int, work: Path):
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read when a worker loads torch
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_cell, threads, work / "logs" / f"{'_'.join(map(str, key))}.log", key, fn, *args)
-                       for key, fn, args in cells]
+            futures = {key: pool.submit(_cell, threads, work / "logs" / f"{'_'.join(map(str, key))}.log", fn, *args)
+                       for key, fn, args in cells}
             try:
-                for future in futures:
-                    yield future.result()
+                for key, future in futures.items():
+                    yield key, future.result()
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
