@@ -9,7 +9,7 @@ checkpoint, as in the papers' protocol, where validation and test coincide).
 The run is resumable: each pre-training and each fine-tuning cell lives in its own folder under
 --work and is skipped when its result exists. Results go to --results as label_efficiency.{json,md,png}.
 
-    python benchmarks/label_efficiency.py --jobs 2              # full: about 110 min on 2 cores
+    python benchmarks/label_efficiency.py --jobs 2              # full: about 100 min on 2 cores
     python benchmarks/label_efficiency.py --setting smoke       # seconds, for the test suite
 """
 
@@ -48,7 +48,7 @@ class Setting:
     fractions: tuple[float, ...]
     methods: tuple[str, ...] = ("scratch", "mae3d", "glmae", "gmim")
     linear: bool = True  # also linear probing at 100% labels
-    pretrain_set: tuple[str, ...] = ()
+    pretrain_set: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # method -> overrides
     finetune_set: tuple[str, ...] = ()
 
 
@@ -58,15 +58,28 @@ FINETUNE = "unetr_tiny"
 
 # Fine-tuning at the demo's 4x4x6 mm is what lets 48 cells of a few hundred steps fit in about 90 min.
 COARSE = (*COARSE_FINETUNE, "train.val_every=100")
+# Pre-training at the fine-tuning scale, so that a token covers the same anatomy in both: views of
+# 4x4x6 mm voxels the size of the fine-tuning ROI (GL-MAE's global views from 75-100% crops, i.e.
+# resized by at most 1.33x, local views half their side); the configs' 3x3x4 mm and 64³ views would
+# make a token cover 1.3-4x less anatomy than in fine-tuning.
+MATCHED = ("data.spacing=[4.0,4.0,6.0]",)
+MATCHED_VIEWS = {
+    "mae3d": (*MATCHED, "method.roi=[48,48,32]"),
+    "glmae": (*MATCHED, "method.global_size=[48,48,32]", "method.local_size=[24,24,16]",
+              "method.global_scale=[0.75,1.0]", "method.local_scale=[0.4,0.6]"),
+    "gmim": (*MATCHED, "method.roi=[48,48,32]"),
+}
 
+# 4 labelled phantoms, so 25% is one: with 8 (25% = 2) scratch at 25% and at 100% differed by 6 ± 3
+# points, less than the seed spread of either; with 4 the gap is 14-26 points (scratch, 400 steps).
 SETTINGS = {
-    "full": Setting(pool=48, train=8, test=8, shape=(64, 64, 48), pretrain_steps=1000, finetune_steps=400,
-                    seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0), finetune_set=COARSE),
+    "full": Setting(pool=48, train=4, test=8, shape=(64, 64, 48), pretrain_steps=1000, finetune_steps=300,
+                    seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0), pretrain_set=MATCHED_VIEWS, finetune_set=COARSE),
     "smoke": Setting(
         pool=2, train=2, test=1, shape=(32, 32, 24), pretrain_steps=2, finetune_steps=2, seeds=(0,),
         fractions=(0.5,), methods=("scratch", "glmae"), linear=False,
-        pretrain_set=("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "method.global_size=[32,32,32]",
-                      "method.local_size=[16,16,16]", "method.n_local=2"),
+        pretrain_set={"glmae": ("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "method.global_size=[32,32,32]",
+                                "method.local_size=[16,16,16]", "method.n_local=2")},
         finetune_set=("data.spacing=[6.0,6.0,8.0]", "data.num_workers=1", "method.roi=[32,32,24]",
                       "train.val_every=0"),
     ),
@@ -78,7 +91,8 @@ def pretrain_cell(method: str, s: Setting, pool: Path, work: Path) -> Path:
     from glmae.pretrain import pretrain
 
     run = work / "pretrain" / method
-    cfg = load_config(CONFIGS[method], [*s.pretrain_set, f"train.max_steps={s.pretrain_steps}", "train.epochs=0"])
+    overrides = [*s.pretrain_set.get(method, ()), f"train.max_steps={s.pretrain_steps}", "train.epochs=0"]
+    cfg = load_config(CONFIGS[method], overrides)
     run_stage("pretrain", run, pretrain, cfg, str(pool), run)
     return run / "encoder.safetensors"
 
@@ -155,6 +169,42 @@ def summarise(cells: dict) -> list[dict]:
 
 
 NAMES = {"scratch": "Sup. UNETR (scratch)", "mae3d": "MAE3D", "glmae": "GL-MAE", "gmim": "GMIM"}
+
+
+def paired(cells: dict, a: tuple, b: tuple) -> dict | None:
+    """Dice of cell a minus cell b, seed by seed: a seed fixes the labelled split and the decoder's
+    initialisation, so pairing removes what the cells share (one seed's slow start, an easy split)."""
+    seeds = sorted(set(cells.get(a, {})) & set(cells.get(b, {})))
+    if not seeds:
+        return None
+    d = [cells[a][s] - cells[b][s] for s in seeds]
+    return {"a": list(a), "b": list(b), "seeds": [int(s) for s in seeds], "values": d, "mean": float(np.mean(d)),
+            "std": float(np.std(d, ddof=1)) if len(d) > 1 else 0.0}
+
+
+def differences(cells: dict) -> list[dict]:
+    """The label-fraction calibration (scratch, full labels minus each smaller fraction) and every
+    pre-trained method's gain over scratch in the same mode and fraction, paired by seed."""
+    out = []
+    fractions = sorted({f for (m, mode, f) in cells if m == "scratch" and mode == "e2e"})
+    for f in fractions[:-1]:
+        out.append(paired(cells, ("scratch", "e2e", fractions[-1]), ("scratch", "e2e", f)))
+    for method, mode, f in sorted(cells, key=lambda k: (k[1], k[2], list(NAMES).index(k[0]))):
+        if method != "scratch":
+            out.append(paired(cells, (method, mode, f), ("scratch", mode, f)))
+    return [d for d in out if d is not None]
+
+
+def difference_lines(diffs: list[dict]) -> list[str]:
+    def name(cell):
+        method, mode, f = cell
+        return f"{NAMES[method]} {mode} {f:.0%}"
+
+    lines = ["| difference | mean ± std (points) | per seed |", "|---|---:|---|"]
+    for d in diffs:
+        seeds = ", ".join(f"{100 * v:+.1f}" for v in d["values"])
+        lines.append(f"| {name(d['a'])} − {name(d['b'])} | {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | {seeds} |")
+    return lines
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -252,6 +302,7 @@ def main(argv=None) -> dict:
         "wall_minutes_this_invocation": minutes,
         "results": rows,
         "per_organ": per_organ(organs),
+        "differences": differences(cells),
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / ("label_efficiency" if args.setting == "full" else f"label_efficiency_{args.setting}")
@@ -268,6 +319,12 @@ def main(argv=None) -> dict:
         *table(rows),
         "",
         f"![Dice vs label fraction]({stem.with_suffix('.png').name})",
+        "",
+        "Differences in Dice paired by seed (a seed fixes the labelled split and the initialisation, so "
+        "pairing removes what cells of one seed share; the first rows calibrate the phantoms: scratch "
+        "with all labels minus fewer):",
+        "",
+        *difference_lines(result["differences"]),
         "",
         "Dice per organ (%, mean over seeds), end to end at the smallest label fraction:",
         "",

@@ -33,6 +33,8 @@ def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path, monkeyp
     md = (tmp_path / "results" / "label_efficiency_smoke.md").read_text()
     assert "| liver |" in md  # the per-organ table
     assert "| Sup. UNETR (scratch) |" in md and "| GL-MAE |" in md and "e2e 50%" in md
+    assert "| GL-MAE e2e 50% − Sup. UNETR (scratch) e2e 50% |" in md  # the paired differences
+    assert [d["a"] for d in data["differences"]] == [["glmae", "e2e", 0.5]]
     assert (tmp_path / "results" / "label_efficiency_smoke.png").stat().st_size > 1000
     logs = {p.name for p in (tmp_path / "work" / "logs").glob("*.log")}  # each cell ran in a worker
     assert logs == {"pretrain_glmae.log", "scratch_e2e_0.5_0.log", "glmae_e2e_0.5_0.log"}
@@ -78,3 +80,22 @@ def test_label_efficiency_report_only_summarises_done_cells_without_training(tmp
     rows = json.loads((tmp_path / "results" / "label_efficiency_smoke.json").read_text())["results"]
     assert {r["method"]: r["mean"] for r in rows} == {"scratch": 0.2, "glmae": 0.4}
     assert not (work / "pretrain").exists() and not (work / "data").exists()
+
+
+def test_label_efficiency_differences_pair_cells_by_seed():
+    bench = load("label_efficiency")
+    cells = {("scratch", "e2e", 0.25): {0: 0.30, 1: 0.20, 2: 0.40},
+             ("scratch", "e2e", 1.0): {0: 0.40, 1: 0.25, 2: 0.50},
+             ("glmae", "e2e", 0.25): {0: 0.35, 1: 0.30},  # seed 2 not done yet
+             ("glmae", "linear", 1.0): {0: 0.1}}  # no scratch linear cell to pair with
+    diffs = bench.differences(cells)
+    assert [(d["a"], d["b"], d["seeds"]) for d in diffs] == [
+        (["scratch", "e2e", 1.0], ["scratch", "e2e", 0.25], [0, 1, 2]),
+        (["glmae", "e2e", 0.25], ["scratch", "e2e", 0.25], [0, 1])]
+    calibration, gain = diffs
+    assert calibration["values"] == pytest.approx([0.10, 0.05, 0.10])
+    assert calibration["mean"] == pytest.approx(0.25 / 3)
+    assert calibration["std"] == pytest.approx(0.0288675, abs=1e-6)  # the seed spread of each row is 0.1
+    assert gain["values"] == pytest.approx([0.05, 0.10])
+    assert bench.difference_lines(diffs)[2] == (
+        "| Sup. UNETR (scratch) e2e 100% − Sup. UNETR (scratch) e2e 25% | +8.3 ± 2.9 | +10.0, +5.0, +10.0 |")
