@@ -99,3 +99,20 @@ def test_label_efficiency_differences_pair_cells_by_seed():
     assert gain["values"] == pytest.approx([0.05, 0.10])
     assert bench.difference_lines(diffs)[2] == (
         "| Sup. UNETR (scratch) e2e 100% − Sup. UNETR (scratch) e2e 25% | +8.3 ± 2.9 | +10.0, +5.0, +10.0 |")
+
+
+def test_label_efficiency_pretrains_at_the_fine_tuning_scale():
+    import dataclasses
+
+    from glmae.config import load_config
+
+    bench = load("label_efficiency")
+    s = bench.SETTINGS["full"]
+    tune = load_config(bench.FINETUNE, s.finetune_set)
+    for method in ("mae3d", "glmae", "gmim"):
+        pre = load_config(bench.CONFIGS[method], s.pretrain_set[method])
+        assert pre.data.spacing == tune.data.spacing, method
+        # one ViT for every method and for UNETR (which adds stochastic depth)
+        assert dataclasses.replace(pre.encoder, drop_path=tune.encoder.drop_path) == tune.encoder, method
+        views = pre.method.global_size if method == "glmae" else pre.method.roi
+        assert tuple(views) == tuple(tune.method.roi), method  # a token covers the same anatomy
