@@ -335,6 +335,9 @@ def main(argv=None) -> dict:
         f"Command: `{result['command']}`",
         "",
     ]
+    notes = stem.with_name(stem.name + "_notes.md")  # hand-written reading of the numbers, kept on reruns
+    if notes.exists():
+        lines += [f"What these numbers say, what was tried and measured: [{notes.name}]({notes.name}).", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     return result

@@ -79,6 +79,14 @@ def test_label_efficiency_report_only_summarises_done_cells_without_training(tmp
     bench.main(["--setting", "smoke", "--work", str(work), "--results", str(tmp_path / "results"), "--report-only"])
     rows = json.loads((tmp_path / "results" / "label_efficiency_smoke.json").read_text())["results"]
     assert {r["method"]: r["mean"] for r in rows} == {"scratch": 0.2, "glmae": 0.4}
+    assert "_notes.md" not in (tmp_path / "results" / "label_efficiency_smoke.md").read_text()
+    # hand-written notes beside the report survive a rerun and are linked from it
+    notes = tmp_path / "results" / "label_efficiency_smoke_notes.md"
+    notes.write_text("# why\n")
+    bench.main(["--setting", "smoke", "--work", str(work), "--results", str(tmp_path / "results"), "--report-only"])
+    assert "[label_efficiency_smoke_notes.md](label_efficiency_smoke_notes.md)" in notes.with_name(
+        "label_efficiency_smoke.md").read_text()
+    assert notes.read_text() == "# why\n"
     assert not (work / "pretrain").exists() and not (work / "data").exists()
 
 
