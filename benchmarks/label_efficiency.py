@@ -9,7 +9,7 @@ checkpoint, as in the papers' protocol, where validation and test coincide).
 The run is resumable: each pre-training and each fine-tuning cell lives in its own folder under
 --work and is skipped when its result exists. Results go to --results as label_efficiency.{json,md,png}.
 
-    python benchmarks/label_efficiency.py --jobs 2              # full: about 100 min on 2 cores
+    python benchmarks/label_efficiency.py --jobs 2              # full: about 105 min on 2 cores
     python benchmarks/label_efficiency.py --setting smoke       # seconds, for the test suite
 """
 
