@@ -56,7 +56,7 @@ class Setting:
 CONFIGS = {"mae3d": "mae3d_tiny", "glmae": "glmae_tiny", "gmim": "gmim_vit_tiny"}
 FINETUNE = "unetr_tiny"
 
-# Fine-tuning at the demo's 4x4x6 mm is what lets 48 cells of a few hundred steps fit in about 90 min.
+# Fine-tuning at the demo's 4x4x6 mm is what lets 48 cells of a few hundred steps fit in under 2 hours.
 COARSE = (*COARSE_FINETUNE, "train.val_every=100")
 # Pre-training at the fine-tuning scale, so that a token covers the same anatomy in both: views of
 # 4x4x6 mm voxels the size of the fine-tuning ROI (GL-MAE's global views from 75-100% crops, i.e.
