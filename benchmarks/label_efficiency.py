@@ -158,13 +158,17 @@ def run_cells(cells: list[tuple], jobs: int, work: Path):
             os.environ["OMP_NUM_THREADS"] = omp
 
 
+def spread(values: list[float]) -> dict:
+    """Mean and sample standard deviation over seeds (0 for a single seed)."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
 def summarise(cells: dict) -> list[dict]:
     """{(method, mode, fraction): {seed: mean Dice}} -> rows of the results table."""
     rows = []
     for (method, mode, fraction), by_seed in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         values = [by_seed[s] for s in sorted(by_seed)]
-        rows.append({"method": method, "mode": mode, "fraction": fraction, "mean": float(np.mean(values)),
-                     "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        rows.append({"method": method, "mode": mode, "fraction": fraction, **spread(values),
                      "seeds": [int(s) for s in sorted(by_seed)], "values": values})
     return rows
 
@@ -179,8 +183,7 @@ def paired(cells: dict, a: tuple, b: tuple) -> dict | None:
     if not seeds:
         return None
     d = [cells[a][s] - cells[b][s] for s in seeds]
-    return {"a": list(a), "b": list(b), "seeds": [int(s) for s in seeds], "values": d, "mean": float(np.mean(d)),
-            "std": float(np.std(d, ddof=1)) if len(d) > 1 else 0.0}
+    return {"a": list(a), "b": list(b), "seeds": [int(s) for s in seeds], "values": d, **spread(d)}
 
 
 def differences(cells: dict) -> list[dict]:
