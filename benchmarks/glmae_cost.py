@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import command, machine
 
 
 def step_time(model, batches, steps: int, dtype) -> float:
@@ -139,8 +138,8 @@ def main(argv=None):
         "config": args.config,
         "batch": args.batch,
         "amp": str(dtype),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "command": "python benchmarks/glmae_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
+        "command": command(__file__, argv),
         "steps": rows,
         "parts": parts,
         "loader_volumes_per_s": loaders,

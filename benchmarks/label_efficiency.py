@@ -21,8 +21,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import platform
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import command, machine
 
 from glmae.demo import COARSE_FINETUNE, make_data, run_stage
 
@@ -297,12 +296,11 @@ def main(argv=None) -> dict:
         print(f"{method} {mode} {fraction:.0%} seed {seed}: mean Dice {metrics['mean_dice']:.4f}", flush=True)
     rows = summarise(cells)
     minutes = (time.time() - start) / 60
-    command = "python benchmarks/label_efficiency.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {
         "setting": args.setting,
         "config": dataclasses.asdict(s),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
-        "command": command.strip(),
+        "machine": machine(),
+        "command": command(__file__, argv),
         "wall_minutes_this_invocation": minutes,
         "results": rows,
         "per_organ": per_organ(organs),

@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import command, machine
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
@@ -157,20 +158,6 @@ def validation_rows(sizes: list[int], work: Path, ckpt: Path) -> list[dict]:
     return rows
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-
-
 def markdown(result: dict) -> str:
     lines = [
         "# Memory: prediction over many scans, validation on large volumes",
@@ -234,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         setup = [sys.executable, str(HERE), "--setup-child", tmp, str(max(args.cases)), *map(str, args.sizes)]
         _, _, out = run_measured(setup)
         result = {
-            "command": " ".join(["python benchmarks/memory.py", *(sys.argv[1:] if argv is None else argv)]),
+            "command": command(__file__, argv),
             "machine": json.loads(out.strip().splitlines()[-1])["machine"],
             "date": time.strftime("%Y-%m-%d"),
             "predict": predict_rows(sorted(args.cases), work, ckpt),

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import resource
-import sys
 import tempfile
 import time
 import types
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import command, machine
 
 SIZES = {
     # name: (config, overrides)
@@ -254,8 +253,8 @@ def main(argv=None):
             loaders.append(r)
             print(f"loader {size} workers={workers}: {r['crops_per_s']:.1f} crops/s", flush=True)
     result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "command": "python benchmarks/pretrain_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
+        "command": command(__file__, argv),
         "matmul_peak_gflops": peaks,
         "steps": rows,
         "ratios": ratios,

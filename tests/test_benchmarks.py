@@ -11,6 +11,11 @@ import pytest
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
+@pytest.fixture(autouse=True)
+def benchmarks_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # scripts import provenance; worker processes import them by name
+
+
 def load(name):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -19,8 +24,7 @@ def load(name):
     return module
 
 
-def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # worker processes import the script by name
+def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path):
     bench = load("label_efficiency")
     work = ["--setting", "smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]
     bench.main([*work, "--jobs", "2"])
@@ -51,13 +55,12 @@ def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path, monkeyp
     assert (scratch / "metrics.json").exists()
 
 
-def test_label_efficiency_failing_cell_cancels_the_cells_not_started(tmp_path, monkeypatch):
+def test_label_efficiency_failing_cell_cancels_the_cells_not_started(tmp_path):
     import multiprocessing
     import operator
     import os
     import time
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
     bench = load("label_efficiency")
     never = tmp_path / "never"
     # 2 workers + 3 calls queued to them may still start after the failure; the 10th cell never does
@@ -124,3 +127,14 @@ def test_label_efficiency_pretrains_at_the_fine_tuning_scale():
         assert dataclasses.replace(pre.encoder, drop_path=tune.encoder.drop_path) == tune.encoder, method
         views = pre.method.global_size if method == "glmae" else pre.method.roi
         assert tuple(views) == tuple(tune.method.roi), method  # a token covers the same anatomy
+
+
+def test_provenance_names_the_machine_and_the_command():
+    import os
+
+    import torch
+
+    provenance = load("provenance")
+    assert provenance.command("/any/where/memory.py", ["--cases", "1"]) == "python benchmarks/memory.py --cases 1"
+    described = provenance.machine()
+    assert f"{os.cpu_count()} cores" in described and f"torch {torch.__version__}" in described
