@@ -2,7 +2,10 @@
 
 import re
 
-from glmae.demo import Plan, demo
+import pytest
+
+from glmae.config import load_config
+from glmae.demo import FULL, QUICK, Plan, demo
 from glmae.synth import LABELS
 
 SMALL = ("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "train.log_every=1")
@@ -33,3 +36,12 @@ def test_demo_writes_a_report_with_every_organ_both_models_and_its_figures(tmp_p
     assert len(stamps) == 3
     demo(out, plan=TINY_PLAN)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+@pytest.mark.parametrize("plan", [QUICK, FULL], ids=["quick", "full"])
+def test_demo_pretrains_at_the_fine_tuning_scale(plan):
+    pre = load_config(plan.pretrain_config, plan.pretrain_set)
+    tune = load_config(plan.finetune_config, plan.finetune_set)
+    assert pre.data.spacing == tune.data.spacing
+    assert tuple(pre.method.global_size) == tuple(tune.method.roi)  # a token covers the same anatomy
+    assert all(2 * a == b for a, b in zip(pre.method.local_size, pre.method.global_size))
