@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from provenance import command, machine
 
-from glmae.demo import COARSE_FINETUNE, make_data, run_stage
+from glmae.demo import COARSE_FINETUNE, COARSE_GLMAE, make_data, run_stage
 
 HERE = Path(__file__).parent
 
@@ -57,17 +57,9 @@ FINETUNE = "unetr_tiny"
 
 # Fine-tuning at the demo's 4x4x6 mm is what lets 48 cells of a few hundred steps fit in under 2 hours.
 COARSE = (*COARSE_FINETUNE, "train.val_every=100")
-# Pre-training at the fine-tuning scale, so that a token covers the same anatomy in both: views of
-# 4x4x6 mm voxels the size of the fine-tuning ROI (GL-MAE's global views from 75-100% crops, i.e.
-# resized by at most 1.33x, local views half their side); the configs' 3x3x4 mm and 64³ views would
-# make a token cover 1.3-4x less anatomy than in fine-tuning.
-MATCHED = ("data.spacing=[4.0,4.0,6.0]",)
-MATCHED_VIEWS = {
-    "mae3d": (*MATCHED, "method.roi=[48,48,32]"),
-    "glmae": (*MATCHED, "method.global_size=[48,48,32]", "method.local_size=[24,24,16]",
-              "method.global_scale=[0.75,1.0]", "method.local_scale=[0.4,0.6]"),
-    "gmim": (*MATCHED, "method.roi=[48,48,32]"),
-}
+# Pre-training at the fine-tuning scale, as in the demo, so that a token covers the same anatomy in
+# both: MAE3D and GMIM on crops of the fine-tuning ROI at its voxel size, GL-MAE on views that size.
+MATCHED_VIEWS = {"mae3d": COARSE_FINETUNE, "glmae": COARSE_GLMAE, "gmim": COARSE_FINETUNE}
 
 # 4 labelled phantoms, so 25% is one: with 8 (25% = 2) scratch at 25% and at 100% differed by 6 ± 3
 # points, less than the seed spread of either; with 4 the gap is 14-26 points (scratch, 400 steps).
