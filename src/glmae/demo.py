@@ -48,11 +48,12 @@ class Plan:
 # Fine-tuning resamples to 4x4x6 mm, where a whole 192 mm phantom is one 48x48x32 ROI: about 2 steps/s
 # on 2 cores (validations included) instead of ~1 s per step at 3x3x4 mm, and UNETR needs several
 # hundred steps to get past the large organs. Measured (2 cores): --quick 1.9 min, full 11.2 min.
-COARSE_FINETUNE = ("data.spacing=[4.0,4.0,6.0]", "method.roi=[48,48,32]")
+COARSE_SPACING = "data.spacing=[4.0,4.0,6.0]"
+COARSE_FINETUNE = (COARSE_SPACING, "method.roi=[48,48,32]")
 # GL-MAE pre-trains at the same scale, so that a token covers the same anatomy in both stages: global
 # views the ROI's size from 75-100% crops (resized by at most 1.33x), local views half their side.
 # `glmae_tiny`'s 3x3x4 mm and 64³ views would make a token cover 1.3-4x less anatomy than in fine-tuning.
-COARSE_GLMAE = ("data.spacing=[4.0,4.0,6.0]", "method.global_size=[48,48,32]", "method.local_size=[24,24,16]",
+COARSE_GLMAE = (COARSE_SPACING, "method.global_size=[48,48,32]", "method.local_size=[24,24,16]",
                 "method.global_scale=[0.75,1.0]", "method.local_scale=[0.4,0.6]")
 QUICK = Plan(pool=16, train=3, test=4, shape=(64, 64, 48), pretrain_steps=100, finetune_steps=110,
              pretrain_set=COARSE_GLMAE, finetune_set=COARSE_FINETUNE)
