@@ -1,4 +1,4 @@
-"""Synthetic abdominal CT phantoms with BTCV labels (`glmae synth`).
+"""Synthetic abdominal CT phantoms with BTCV labels (`glmae synth`, `--kind abdomen`).
 
 A case is a portal-venous-phase-like abdominal CT: body wall (skin, subcutaneous fat, muscle),
 lumbar spine and lower ribs, lung bases and heart, bowel, and the 13 BTCV organs of `LABELS`.
@@ -17,7 +17,6 @@ the docstrings below are adult sizes scaled by about 0.55.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import time
@@ -30,6 +29,15 @@ from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
 from glmae.errors import InputError
+from glmae.synth.common import (
+    SmoothField,
+    case_seed,
+    check_out_dir,
+    remove_stale,
+    save_nifti,
+    smooth_noise,
+    write_atomic,
+)
 
 LABELS: dict[int, str] = {
     1: "spleen",
@@ -67,40 +75,8 @@ def affine_for(shape: tuple[int, int, int]) -> np.ndarray:
     return aff
 
 
-def case_seed(seed: int, index: int) -> int:
-    """Seed of case `index` of a data set: depends on (seed, index) only, not on the case count."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
 # ---------------------------------------------------------------------------------------------
 # Canvas: warped coordinates, painting, shape primitives
-
-
-class _SmoothField:
-    """Random smooth displacement field in mm: each component a sum of separable cosine products.
-
-    Wavelengths in mm; `amplitude` is the typical (RMS) displacement, `bound` its maximum.
-    """
-
-    def __init__(self, rng, amplitude: float, wavelength: tuple[float, float], terms: int = 3):
-        self.k = 2 * np.pi / rng.uniform(*wavelength, size=(3, terms, 3))  # (component, term, axis)
-        self.phase = rng.uniform(0, 2 * np.pi, size=(3, terms, 3))
-        # a product of three random-phase cosines has RMS 2^-1.5
-        self.amp = np.clip(rng.normal(0, 1, size=(3, terms)), -2, 2) * amplitude * 2**1.5 / np.sqrt(terms)
-        self.bound = float(np.abs(self.amp).sum(1).max())
-
-    def grid(self, x, y, z) -> np.ndarray:
-        """Displacement (3, len(x), len(y), len(z)) on the grid spanned by 1-D axes x, y, z."""
-        fx, fy, fz = (np.cos(self.k[..., i, None] * np.asarray(ax, float) + self.phase[..., i, None])
-                      for i, ax in enumerate((x, y, z)))  # (3, terms, n) each
-        xy = (self.amp[..., None, None] * fx[..., :, None] * fy[..., None, :]).reshape(3, len(self.amp[0]), -1)
-        d = np.einsum("ctp,ctz->cpz", xy.astype(np.float32), fz.astype(np.float32))
-        return d.reshape(3, len(x), len(y), len(z))
-
-    def at(self, pts: np.ndarray) -> np.ndarray:
-        """Displacement (N, 3) at points (N, 3)."""
-        f = np.cos(self.k[None] * pts[:, None, None, :] + self.phase[None])  # (N, 3, terms, 3)
-        return (self.amp[None] * f.prod(-1)).sum(-1)
 
 
 class _Phantom:
@@ -118,15 +94,15 @@ class _Phantom:
         self.affine = affine_for(shape)
         self.spacing = np.diag(self.affine)[:3]
         self.axes = [self.affine[i, 3] + self.spacing[i] * np.arange(n) for i, n in enumerate(shape)]
-        self.warp = _SmoothField(rng, amplitude=2.0, wavelength=(120, 300))
+        self.warp = SmoothField(rng, amplitude=2.0, wavelength=(120, 300))
         d = self.warp.grid(*self.axes)
         self.margin = float(np.abs(d).max())
         self.X, self.Y, self.Z = (ax.reshape([-1 if j == i else 1 for j in range(3)]) + d[i]
                                   for i, ax in enumerate(self.axes))
         self.hu = np.full(shape, -1000.0, np.float32)
         self.lab = np.zeros(shape, np.uint8)
-        self.tex = _noise(noise_rng, shape, 2.0)  # organ texture, pancreatic lobules
-        self.fine = _noise(noise_rng, shape, 0.8)  # stool, lung
+        self.tex = smooth_noise(noise_rng, shape, 2.0)  # organ texture, pancreatic lobules
+        self.fine = smooth_noise(noise_rng, shape, 0.8)  # stool, lung
         self.region = np.ones(shape, bool)  # where organs may lie (set by the body)
 
     def u(self, lo, hi) -> float:
@@ -141,7 +117,7 @@ class _Phantom:
     def coords(self, lo, hi, wobble: float = 0.0, wavelength=(25.0, 60.0)):
         """Box of the world extent [lo, hi] and the warped (X, Y, Z) in it, plus the structure's
         own smooth wobble of `wobble` mm RMS."""
-        field = _SmoothField(self.rng, wobble, wavelength) if wobble else None
+        field = SmoothField(self.rng, wobble, wavelength) if wobble else None
         sl = self.box(lo, hi, self.margin + (field.bound if field else 0.0))
         X, Y, Z = self.X[sl], self.Y[sl], self.Z[sl]
         if field:
@@ -170,7 +146,7 @@ class _Phantom:
             [np.interp(u, s, ctrl[:, i]) for i in range(3)]).T
         pts = pts - self.warp.at(pts)  # voxels p whose warped position p + d(p) is on the curve
         if wobble:
-            pts = pts - _SmoothField(self.rng, wobble, (25.0, 60.0)).at(pts)
+            pts = pts - SmoothField(self.rng, wobble, (25.0, 60.0)).at(pts)
         rad = np.interp(u, s, radii)
         lo, hi = (pts - rad[:, None]).min(0), (pts + rad[:, None]).max(0)
         sl = self.box(lo, hi)
@@ -215,12 +191,6 @@ class _Phantom:
         img[mask] = hu[mask] if np.ndim(hu) else hu
         if label is not None:
             self.lab[sl][mask] = label
-
-
-def _noise(rng, shape, sigma: float) -> np.ndarray:
-    """Gaussian-smoothed white noise with unit standard deviation, (X, Y, Z) float32."""
-    n = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, truncate=3.0)
-    return n / max(float(n.std()), 1e-6)
 
 
 def _rot(ax: float = 0.0, ay: float = 0.0, az: float = 0.0) -> np.ndarray:
@@ -603,7 +573,7 @@ def generate_case(seed: int, shape: tuple[int, int, int] | None = DEFAULT_SHAPE)
                   _spine, _ribs):
         build(ph, lm)
     img = ndimage.gaussian_filter(ph.hu, 0.7)  # partial volume, then noise
-    img += noise_rng.normal(0, ph.u(8, 14), shape).astype(np.float32) + ph.u(3, 7) * _noise(noise_rng, shape, 0.8)
+    img += noise_rng.normal(0, ph.u(8, 14), shape).astype(np.float32) + ph.u(3, 7) * smooth_noise(noise_rng, shape, 0.8)
     return Case(np.clip(np.rint(img), -1024, 3071).astype(np.int16), ph.lab, ph.affine)
 
 
@@ -650,23 +620,6 @@ def save_preview(case: Case, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write a .nii.gz with qform and sform set, under a temporary name then renamed (atomic)."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    _write_atomic(path, gzip.compress(img.to_bytes(), compresslevel=1))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_dataset(out_dir: str | Path, cases: int = 10, seed: int = 0,
                   shape: tuple[int, int, int] | None = None, preview: bool = False) -> Path:
     """Write `cases` phantoms in the MSD layout and return `out_dir`.
@@ -692,7 +645,7 @@ def write_dataset(out_dir: str | Path, cases: int = 10, seed: int = 0,
         raise InputError(f"--seed: need a non-negative integer, got {seed}")
     out = Path(out_dir)
     recipe = {"seed": seed, "shape": list(shape), "version": VERSION}
-    _check_out_dir(out, recipe)
+    check_out_dir(out, recipe)
     names = [f"case_{i:04d}" for i in range(cases)]
     meta = {
         "name": "glmae-synth-abdomen",
@@ -708,11 +661,11 @@ def write_dataset(out_dir: str | Path, cases: int = 10, seed: int = 0,
         "glmae_synth": recipe,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "dataset.json", (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(out / "dataset.json", (json.dumps(meta, indent=2) + "\n").encode())
     folders = [out / "imagesTr", out / "labelsTr"] + ([out / "preview"] if preview else [])
     for folder in folders:
         folder.mkdir(exist_ok=True)
-    _remove_stale(out, cases)
+    remove_stale(out, cases)
     console = Console(stderr=True)
     start = time.perf_counter()
     with Progress(console=console, disable=not console.is_terminal, transient=True) as progress:
@@ -724,36 +677,9 @@ def write_dataset(out_dir: str | Path, cases: int = 10, seed: int = 0,
             case = generate_case(case_seed(seed, i), shape)
             for array, f in zip(case[:2], files):
                 if not f.exists():
-                    _save_nifti(array, case.affine, f)
+                    save_nifti(array, case.affine, f)
             if preview:
                 save_preview(case, png)
     console.print(f"glmae synth: {cases} cases in {out} ({time.perf_counter() - start:.1f} s)", highlight=False)
     return out
 
-
-def _check_out_dir(out: Path, recipe: dict) -> None:
-    """Refuse an output folder that holds anything but a glmae synth data set of this recipe."""
-    if out.exists() and not out.is_dir():
-        raise InputError("exists and is not a folder", out)
-    if not out.exists() or not any(out.iterdir()):
-        return
-    meta_file = out / "dataset.json"
-    try:
-        old = json.loads(meta_file.read_text()).get("glmae_synth") if meta_file.is_file() else None
-    except (OSError, ValueError, AttributeError):
-        old = None
-    if old is None:
-        raise InputError("folder is not empty and holds no glmae synth data set; choose a new folder", out)
-    if old != recipe:
-        raise InputError(f"holds a glmae synth data set made with {old}, not {recipe}; choose a new folder "
-                         "or delete this one", out)
-
-
-def _remove_stale(out: Path, cases: int) -> None:
-    """Delete leftovers of interrupted runs and cases numbered `cases` or more."""
-    for folder, suffix in (("imagesTr", ".nii.gz"), ("labelsTr", ".nii.gz"), ("preview", ".png")):
-        for f in (out / folder).glob("case_*"):
-            name = f.name.removesuffix(".partial")
-            if f.name.endswith(".partial") or (
-                    name.endswith(suffix) and name[5:-len(suffix)].isdigit() and int(name[5:-len(suffix)]) >= cases):
-                f.unlink()
