@@ -54,11 +54,14 @@ def synth(
         tuple[int, int, int] | None, typer.Option("--shape", help="Volume shape X Y Z.")
     ] = None,
     preview: Annotated[bool, typer.Option("--preview", help="Also write a PNG preview per case.")] = False,
+    kind: Annotated[str, typer.Option("--kind", help="abdomen: CT with the 13 BTCV organs.")] = "abdomen",
 ):
-    """Write synthetic abdominal CT phantoms with 9+ labelled organs (MSD layout)."""
-    from glmae.synth import write_dataset
+    """Write synthetic phantoms with labels (MSD layout); abdominal CT with 13 organs by default."""
+    from glmae.synth import KINDS
 
-    write_dataset(out_dir, cases=cases, seed=seed, shape=shape, preview=preview)
+    if kind not in KINDS:
+        raise InputError(f"--kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    KINDS[kind](out_dir, cases=cases, seed=seed, shape=shape, preview=preview)
 
 
 @app.command()

@@ -1,9 +1,15 @@
-"""Built-in synthetic data (`glmae synth`): phantoms with labels, deterministic by seed.
+"""Built-in synthetic data (`glmae synth --kind KIND`): phantoms with labels, deterministic by seed.
 
-`abdomen` (the default): abdominal CT with the 13 BTCV organs. Its names are re-exported here.
+Each kind is a module with `write_dataset(out_dir, cases, seed, shape, preview) -> Path`, listed in
+`KINDS`. `abdomen` (the default): abdominal CT with the 13 BTCV organs; its names are re-exported
+here.
 """
 
+from glmae.synth import abdomen
 from glmae.synth.abdomen import DEFAULT_SHAPE, FOV_MM, ID, LABELS, generate_case, save_preview, write_dataset
 from glmae.synth.common import case_seed
 
-__all__ = ["DEFAULT_SHAPE", "FOV_MM", "ID", "LABELS", "case_seed", "generate_case", "save_preview", "write_dataset"]
+KINDS = {"abdomen": abdomen.write_dataset}
+
+__all__ = ["DEFAULT_SHAPE", "FOV_MM", "ID", "KINDS", "LABELS", "case_seed", "generate_case", "save_preview",
+           "write_dataset"]
