@@ -67,7 +67,7 @@ def main(argv=None):
     from glmae.data.formats import load_dataset
     from glmae.data.preprocess import Preprocessor
     from glmae.engine.data import SampleDataset, SampleStream, make_loader
-    from glmae.engine.trainer import amp_dtype
+    from glmae.engine.precision import amp_dtype
     from glmae.methods import GLMAE, MAE3D, MAE3DConfig
     from glmae.synth import write_dataset
 

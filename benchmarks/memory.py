@@ -3,7 +3,7 @@
 1. `glmae predict` (the real command, a fresh process per row, a fresh preprocessing cache) over
    folders of 1, 5 and 20 synthetic phantoms (`glmae synth`, 128x128x96 at 1.5x1.5x2 mm) with an
    `unetr_tiny` checkpoint of the 14 phantom classes. Memory must not grow with the number of cases.
-2. The validation of `glmae finetune` (`glmae.evaluate.evaluate_volumes`, also what `glmae
+2. The validation of `glmae finetune` (`glmae.methods.validation.evaluate_volumes`, also what `glmae
    evaluate` runs) on one preprocessed volume of 64³ .. 256³ voxels, far larger than the 64x64x48
    ROI, memory-mapped from .npy files as the cache serves it. Its growth over the process before
    the call is compared with the bound stated in the report (`bound_bytes`).
@@ -120,10 +120,11 @@ def validation_child(size: int, ckpt: str, folder: str) -> None:
     import torch
 
     from glmae.data.preprocess import Volume
-    from glmae.evaluate import evaluate_volumes, load_model
+    from glmae.engine.run import load_segmenter
     from glmae.methods.segmentation import out_channels
+    from glmae.methods.validation import evaluate_volumes
 
-    cfg, model = load_model(Path(ckpt))
+    cfg, model = load_segmenter(Path(ckpt))
     volume = Volume("v", np.load(f"{folder}/image.npy", mmap_mode="r"), np.load(f"{folder}/label.npy", mmap_mode="r"),
                     np.eye(4), ((0, size),) * 3, {})
     before = current_rss_mib()  # imports and model; the volume is on disk, mapped, not yet read

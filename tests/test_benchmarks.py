@@ -121,7 +121,7 @@ def test_label_efficiency_pretrains_at_the_fine_tuning_scale():
     s = bench.SETTINGS["full"]
     tune = load_config(bench.FINETUNE, s.finetune_set)
     for method in ("mae3d", "glmae", "gmim"):
-        pre = load_config(bench.CONFIGS[method], s.pretrain_set[method])
+        pre = load_config(bench.CONFIGS[method], s.pretrain_set.get(method, ()))
         assert pre.data.spacing == tune.data.spacing, method
         # one ViT for every method and for UNETR (which adds stochastic depth)
         assert dataclasses.replace(pre.encoder, drop_path=tune.encoder.drop_path) == tune.encoder, method

@@ -17,7 +17,8 @@ from glmae.engine import checkpoint, distributed
 from glmae.engine.data import SampleDataset, SampleStream
 from glmae.engine.logger import read_log
 from glmae.engine.optim import lr_at, param_groups, peak_lr
-from glmae.engine.trainer import amp_dtype, fit
+from glmae.engine.precision import amp_dtype
+from glmae.engine.trainer import fit
 from glmae.errors import InputError, Interrupted, TrainingError
 from glmae.methods.mae3d import MAE3D
 

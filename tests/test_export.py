@@ -6,7 +6,7 @@ import torch
 from glmae import config as cfglib
 from glmae.config import load_config
 from glmae.engine import checkpoint
-from glmae.finetune import read_encoder
+from glmae.engine.run import read_encoder
 
 LABELS = "method.labels={0: background, 1: a, 2: b}"
 

@@ -7,13 +7,14 @@ import pytest
 import torch
 from segdata import phantom, write_msd
 
-from glmae.config import ViTConfig, load_config
+from glmae.config import load_config
 from glmae.data.formats import Case, DataSet
 from glmae.engine import checkpoint
+from glmae.engine.run import read_encoder
 from glmae.errors import InputError
-from glmae.finetune import finetune, load_init, make_splits, read_encoder
+from glmae.finetune import finetune, load_init, make_splits
 from glmae.methods.segmentation import Segmenter
-from glmae.models.vit import ViT
+from glmae.models.vit import ViT, ViTConfig
 
 # shrink the *_tiny configs to seconds: 32³ crops of 2 mm data, a 2-block ViT of width 48
 TINY = ["encoder.width=48", "encoder.depth=2", "encoder.heads=2", "method.roi=[32,32,32]",

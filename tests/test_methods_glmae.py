@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from glmae.config import ViTConfig
 from glmae.data.sampling import view_box
 from glmae.methods.glmae import (
     GLMAE,
@@ -17,7 +16,8 @@ from glmae.methods.glmae import (
     sample_views,
     teacher_probs,
 )
-from glmae.methods.mae3d import MaskedAutoencoder
+from glmae.models.mae import MaskedAutoencoder
+from glmae.models.vit import ViTConfig
 
 ENCODER = ViTConfig(patch_size=4, width=24, depth=2, heads=2)
 

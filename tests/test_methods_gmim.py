@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 
-from glmae.config import ViTConfig, load_config
+from glmae.config import load_config
 from glmae.engine import checkpoint
 from glmae.engine.logger import read_log
 from glmae.errors import InputError
@@ -19,6 +19,7 @@ from glmae.finetune import load_init
 from glmae.methods.gmim import GMIM, GMIMConfig, adjust_intensity, intensity_params, redundancy_loss, sample_gmim
 from glmae.methods.segmentation import Segmenter
 from glmae.models.swin import SwinConfig
+from glmae.models.vit import ViTConfig
 
 ENCODER = SwinConfig(feature_size=12, window=4)
 ROI = (64, 32, 32)  # the smallest Swin crop: 2 last-stage tokens

@@ -2,12 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from glmae.config import OptimConfig, ViTConfig
+from glmae.config import OptimConfig
 from glmae.data import sampling
 from glmae.methods.segmentation import (
     SegmentationConfig,
     Segmenter,
     TrainItem,
+    UNETRConfig,
     class_names,
     decode_logits,
     encode_target,
@@ -15,6 +16,7 @@ from glmae.methods.segmentation import (
     label_map,
     sample_crop,
 )
+from glmae.models.vit import ViTConfig
 
 BRATS = SegmentationConfig(
     labels={0: "background", 1: "necrosis", 2: "edema", 4: "enhancing"},
@@ -105,7 +107,7 @@ def test_intensity_jitter_scales_and_shifts():
 
 def test_linear_mode_freezes_the_encoder_in_eval_mode():
     enc = ViTConfig(width=24, depth=2, heads=2, patch_size=8, drop_path=0.5)
-    model = Segmenter(enc, SegmentationConfig(labels={0: "bg", 1: "a"}, mode="linear", feature_size=4))
+    model = Segmenter(enc, UNETRConfig(labels={0: "bg", 1: "a"}, mode="linear", feature_size=4))
     model.train()
     assert not model.net.encoder.training and model.net.encoder1.training
     assert not any(p.requires_grad for p in model.net.encoder.parameters())
@@ -116,7 +118,7 @@ def test_linear_mode_freezes_the_encoder_in_eval_mode():
 
 def test_layer_decay_scales_encoder_blocks():
     enc = ViTConfig(width=24, depth=2, heads=2, patch_size=8)
-    model = Segmenter(enc, SegmentationConfig(labels={0: "bg", 1: "a"}, feature_size=4))
+    model = Segmenter(enc, UNETRConfig(labels={0: "bg", 1: "a"}, feature_size=4))
     groups = model.param_groups(OptimConfig(weight_decay=0.05, layer_decay=0.5))
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     net = model.net
@@ -130,7 +132,7 @@ def test_region_loss_is_dice_plus_binary_cross_entropy():
     from monai.losses import DiceLoss
 
     enc = ViTConfig(width=24, depth=2, heads=2, patch_size=8)
-    model = Segmenter(enc, SegmentationConfig(labels=BRATS.labels, regions=BRATS.regions, feature_size=4))
+    model = Segmenter(enc, UNETRConfig(labels=BRATS.labels, regions=BRATS.regions, feature_size=4))
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 4, 4, 4)
     target = (torch.rand(2, 3, 4, 4, 4) > 0.5).to(torch.uint8)

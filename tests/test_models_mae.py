@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from glmae.config import ViTConfig
 from glmae.methods.mae3d import MAE3D, MAE3DConfig, sample_crop
 from glmae.models.mae import reconstruction_loss
+from glmae.models.vit import ViTConfig
 
 
 def reference_loss(pred, images, masked, p, norm_pix):

@@ -5,10 +5,10 @@ import torch
 from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 
 from glmae import config as cfglib
-from glmae.config import ViTConfig
 from glmae.engine.optim import param_groups
 from glmae.errors import InputError
 from glmae.models.swin import SwinConfig, SwinUNETR, last_width, stride, swin_encoder
+from glmae.models.vit import ViTConfig
 
 CFG = SwinConfig(feature_size=12, window=4)
 

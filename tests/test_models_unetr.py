@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from glmae.config import ViTConfig
 from glmae.models.unetr import UNETR, num_stages, skip_blocks
+from glmae.models.vit import ViTConfig
 
 
 def test_skip_blocks_follow_monai_for_patch_16():

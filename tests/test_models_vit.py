@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from glmae.config import ViTConfig
-from glmae.models.vit import PRESETS, ViT, sincos_embedding, vit_config
+from glmae.models.vit import ViT, ViTConfig, sincos_embedding
 
 
 def reference_sincos(grid, width):
@@ -76,10 +75,17 @@ def test_one_encoder_serves_any_grid():
         assert tokens.shape[1] == math.prod(s // 4 for s in shape)
 
 
-def test_presets_follow_methods_table():
-    assert PRESETS["vit_base"] == dict(width=768, depth=12, heads=12)
-    assert PRESETS["vit_tiny"] == dict(width=192, depth=12, heads=3)
-    assert vit_config("vit_small").width == 384
+def test_paper_encoders_follow_methods_table():
+    """The packaged paper configs are the named ViT presets (METHODS.md, "Shared backbone")."""
+    from glmae.config import load_config
+
+    def arch(name):
+        e = load_config(name).encoder
+        return dict(width=e.width, depth=e.depth, heads=e.heads, patch_size=e.patch_size)
+
+    assert arch("glmae_vit_base") == dict(width=768, depth=12, heads=12, patch_size=16)
+    assert arch("glmae_vit_tiny") == dict(width=192, depth=12, heads=3, patch_size=16)
+    assert arch("mae3d_vit_base") == arch("unetr_vit_base") == arch("glmae_vit_base")
 
 
 def test_parameter_names_are_a_subset_of_monai_vit():

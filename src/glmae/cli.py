@@ -32,7 +32,9 @@ DataOpt = Annotated[
     str, typer.Option("--data", help="MSD folder or dataset.json, nnU-Net folder, datalist JSON, folder or glob.")
 ]
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder.")]
-MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Stop after N optimiser steps.")]
+MaxStepsOpt = Annotated[
+    int | None, typer.Option("--max-steps", help="Train N optimiser steps (sets train.max_steps=N and train.epochs=0).")
+]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoints/last.pt.")]
 
 
@@ -105,13 +107,21 @@ def finetune(
     data: DataOpt,
     out: OutOpt,
     init: Annotated[
-        str, typer.Option("--init", help="encoder.safetensors, a pretraining last.pt, or 'none'.")
-    ] = "none",
-    mode: Annotated[str, typer.Option("--mode", help="linear (frozen encoder) or e2e.")] = "e2e",
+        str | None,
+        typer.Option("--init", help="encoder.safetensors, a pre-training or fine-tuning checkpoint, or 'none' "
+                                    "[default: the config's method.init, none]."),
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="linear (frozen encoder) or e2e [default: the config's, e2e].")
+    ] = None,
     label_fraction: Annotated[
-        float, typer.Option("--label-fraction", min=0.0, max=1.0, help="Fraction of labelled training cases.")
-    ] = 1.0,
-    split_seed: Annotated[int, typer.Option("--split-seed", help="Seed of the split and subset.")] = 0,
+        float | None,
+        typer.Option("--label-fraction", min=0.0, max=1.0,
+                     help="Fraction of labelled training cases [default: the config's, 1.0]."),
+    ] = None,
+    split_seed: Annotated[
+        int | None, typer.Option("--split-seed", help="Seed of the split and subset [default: the config's, 0].")
+    ] = None,
     max_steps: MaxStepsOpt = None,
     resume: ResumeOpt = False,
     set_: SetOpt = None,
@@ -119,7 +129,7 @@ def finetune(
     """Fine-tune a segmentation network (UNETR, Swin-UNETR) from a pretrained encoder."""
     from glmae.finetune import finetune as run
 
-    if mode not in ("linear", "e2e"):
+    if mode not in (None, "linear", "e2e"):
         raise InputError(f"--mode: expected linear or e2e, got {mode!r}")
     run(
         _config(config, set_, max_steps),
@@ -174,7 +184,7 @@ def export(
 @app.command()
 def demo(
     out: OutOpt = Path("runs/demo"),
-    quick: Annotated[bool, typer.Option("--quick", help="A ~3 minute version.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A ~2 minute version.")] = False,
 ):
     """Synthesise phantoms, pretrain GL-MAE, fine-tune with few labels vs scratch, and report."""
     from glmae.demo import demo as run

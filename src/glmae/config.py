@@ -4,7 +4,9 @@ A config is a tree of dataclasses. Two fields are open families chosen by a key 
 `encoder` (by `arch`: "vit", "swin") and `method` (by `name`: "mae3d", "glmae", "gmim", "unetr",
 ...). Modules register their own config class with `register_encoder` / `register_method`, so a
 method's options live beside its code. Packaged configs are YAML files in `glmae/configs/`; a YAML
-may start from another with `base: NAME`.
+may start from others with `base: NAME` or `base: [NAME, ...]` (merged in that order, then the
+file's own keys), so that each number has one home; files named `_*.yaml` are such parts, not
+configs of their own.
 
 The resolved config is saved as `RUN/config.yaml` and as plain types inside every checkpoint, so a
 run describes itself.
@@ -49,8 +51,8 @@ def _yaml_load(text: str):
 _ENCODERS: dict[str, type] = {}
 _METHODS: dict[str, type] = {}
 # Modules that register encoder / method configs; imported on first use so that `glmae config`
-# works without the caller knowing where a method lives.
-_PLUGIN_MODULES = ("glmae.methods",)
+# works without the caller knowing where an encoder or a method lives.
+_PLUGIN_MODULES = ("glmae.models.vit", "glmae.models.swin", "glmae.methods")
 
 
 def register_encoder(arch: str):
@@ -86,21 +88,6 @@ class EncoderConfig:
     in_channels: int = 1
 
 
-@register_encoder("vit")
-@dataclass
-class ViTConfig(EncoderConfig):
-    """3D ViT (METHODS.md, "Shared backbone"). Presets in `glmae.models.vit.PRESETS`."""
-
-    arch: str = "vit"
-    patch_size: int = 16
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    drop_path: float = 0.0
-
-
 @dataclass
 class MethodConfig:
     """Base of the method family; `name` selects the subclass."""
@@ -120,6 +107,9 @@ class DataConfig:
     num_workers: int = 2  # DataLoader worker processes per training process
 
 
+LR_SCALINGS = ("linear", "none")
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay, stepped per iteration."""
@@ -133,6 +123,10 @@ class OptimConfig:
     clip_grad: float = 0.0  # max gradient norm; 0 disables
     accum_steps: int = 1  # micro-batches per optimiser step
     layer_decay: float = 1.0  # layer-wise lr decay for encoder blocks (fine-tuning); 1 disables
+
+    def __post_init__(self):
+        if self.lr_scaling not in LR_SCALINGS:
+            raise InputError(f"config: optim.lr_scaling: expected {' or '.join(LR_SCALINGS)}, got {self.lr_scaling!r}")
 
 
 @dataclass
@@ -152,7 +146,7 @@ class TrainConfig:
 @dataclass
 class Config:
     task: str = "pretrain"  # pretrain | finetune
-    encoder: EncoderConfig = field(default_factory=ViTConfig)
+    encoder: EncoderConfig = field(default_factory=lambda: build(EncoderConfig, {"arch": "vit"}))
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -182,14 +176,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _coerce(option, value, where)
-            except InputError as err:
-                errors.append(str(err))
+            except InputError:
+                pass
         raise InputError(f"config: {where}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)
@@ -282,8 +275,8 @@ def to_dict(obj: Any) -> Any:
 
 
 def available() -> list[str]:
-    """Names of the packaged configs."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """Names of the packaged configs (files named `_*.yaml` are parts for `base:`, not configs)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _read_yaml(source: str, seen: tuple[str, ...] = ()) -> dict:
@@ -302,19 +295,22 @@ def _read_yaml(source: str, seen: tuple[str, ...] = ()) -> dict:
         raise InputError(f"cannot read config: {str(err).splitlines()[0]}", path) from None
     if not isinstance(data, dict):
         raise InputError("config: expected a mapping at the top level", path)
-    base = data.pop("base", None)
-    if base is not None:
-        data = _merge(_read_yaml(str(base), seen + (str(path),)), data)
-    return data
+    bases = data.pop("base", [])
+    merged: dict = {}
+    for base in bases if isinstance(bases, list) else [bases]:
+        merged = _merge(merged, _read_yaml(str(base), seen + (str(path),)))
+    return _merge(merged, data)
 
 
 def _merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            # switching a family (another method name / encoder arch) drops the old options
+            # switching a family (another method name / encoder arch) drops the old options; a
+            # section that names none (a part such as the shared MAE decoder) merges into any
             family_key = {"encoder": "arch", "method": "name"}.get(key)
-            if family_key and value.get(family_key, out[key].get(family_key)) != out[key].get(family_key):
+            old, new = out[key].get(family_key), value.get(family_key)
+            if family_key and old is not None and new is not None and new != old:
                 out[key] = dict(value)
             else:
                 out[key] = _merge(out[key], value)
@@ -368,6 +364,19 @@ _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,20
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields in which two plain config dicts differ ("optim.lr", ...)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differences(va, vb, name + ".")
+        elif va != vb:
+            out.append(name)
+    return out
 
 
 def steps_for_epochs(cfg: Config, samples_per_epoch: int, world_size: int) -> int:

@@ -15,7 +15,6 @@ the same command after an interruption finishes the demo.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ import numpy as np
 
 from glmae.engine.checkpoint import atomic_write
 from glmae.engine.logger import read_log, shared_progress
+from glmae.engine.run import run_stage
+from glmae.synth.study import write_study
 
 
 @dataclass(frozen=True)
@@ -39,59 +40,16 @@ class Plan:
     finetune_steps: int
     validations: int = 4  # validations during each fine-tuning (the best checkpoint is evaluated)
     seed: int = 0
-    pretrain_config: str = "glmae_tiny"
-    finetune_config: str = "unetr_tiny"
+    pretrain_config: str = "glmae_phantom"
+    finetune_config: str = "unetr_phantom"
     pretrain_set: tuple[str, ...] = ()  # --set overrides of the pre-training config
     finetune_set: tuple[str, ...] = ()  # --set overrides of the fine-tuning config
 
 
-# Fine-tuning resamples to 4x4x6 mm, where a whole 192 mm phantom is one 48x48x32 ROI: about 2 steps/s
-# on 2 cores (validations included) instead of ~1 s per step at 3x3x4 mm, and UNETR needs several
-# hundred steps to get past the large organs. Measured (2 cores): --quick 1.9 min, full 11.2 min.
-COARSE_SPACING = "data.spacing=[4.0,4.0,6.0]"
-COARSE_FINETUNE = (COARSE_SPACING, "method.roi=[48,48,32]")
-# GL-MAE pre-trains at the same scale, so that a token covers the same anatomy in both stages: global
-# views the ROI's size from 75-100% crops (resized by at most 1.33x), local views half their side.
-# `glmae_tiny`'s 3x3x4 mm and 64³ views would make a token cover 1.3-4x less anatomy than in fine-tuning.
-COARSE_GLMAE = (COARSE_SPACING, "method.global_size=[48,48,32]", "method.local_size=[24,24,16]",
-                "method.global_scale=[0.75,1.0]", "method.local_scale=[0.4,0.6]")
-QUICK = Plan(pool=16, train=3, test=4, shape=(64, 64, 48), pretrain_steps=100, finetune_steps=110,
-             pretrain_set=COARSE_GLMAE, finetune_set=COARSE_FINETUNE)
-FULL = Plan(pool=48, train=4, test=8, shape=(64, 64, 48), pretrain_steps=1200, finetune_steps=600,
-            validations=6, pretrain_set=COARSE_GLMAE, finetune_set=COARSE_FINETUNE)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=1).encode()
-    atomic_write(path, lambda f: f.write(text))
-
-
-def make_data(out: Path, pool: int, train: int, test: int, shape: tuple[int, int, int], seed: int = 0):
-    """Phantoms in MSD layout plus two datalists beside them: `pretrain.json` (the first `pool`
-    cases, images only) and `finetune.json` (the next `train` cases for training, the last `test`
-    as its validation list). Returns the two datalist paths."""
-    from glmae.synth import write_dataset
-
-    root = write_dataset(out, cases=pool + train + test, seed=seed, shape=shape)
-    entries = json.loads((root / "dataset.json").read_text())
-    cases = entries["training"]
-    pool, train, test = cases[:pool], cases[pool : pool + train], cases[pool + train :]
-    pretrain, finetune = root / "pretrain.json", root / "finetune.json"
-    common = {"modality": entries["modality"], "labels": entries["labels"]}
-    _write_json(pretrain, {"training": [{"image": c["image"]} for c in pool], "modality": entries["modality"]})
-    _write_json(finetune, {**common, "training": train, "validation": test})
-    return pretrain, finetune
-
-
-def run_stage(kind: str, run: Path, fn, *args, **kwargs) -> None:
-    """Run a training stage unless it finished; resume it if it was interrupted."""
-    done = run / ("encoder.safetensors" if kind == "pretrain" else "metrics.json")
-    if done.exists():
-        return
-    resume = (run / "checkpoints" / "last.pt").exists()
-    if not resume and run.exists():
-        shutil.rmtree(run)  # a stage that died before its first checkpoint starts over
-    fn(*args, **kwargs, resume=resume)
+# Pre-training and fine-tuning at the phantom scale (configs `glmae_phantom`, `unetr_phantom`).
+# Measured (2 cores): --quick 1.9 min, full 11.2 min.
+QUICK = Plan(pool=16, train=3, test=4, shape=(64, 64, 48), pretrain_steps=100, finetune_steps=110)
+FULL = Plan(pool=48, train=4, test=8, shape=(64, 64, 48), pretrain_steps=1200, finetune_steps=600, validations=6)
 
 
 def _dice_table(metrics: dict[str, dict]) -> list[str]:
@@ -113,8 +71,8 @@ def _figures(out: Path, metrics: dict, runs: dict[str, Path], pretrain_run: Path
     from glmae.data.formats import load_dataset
     from glmae.data.preprocess import Preprocessor
     from glmae.engine.distributed import pick_device
-    from glmae.engine.trainer import amp_dtype
-    from glmae.evaluate import load_model
+    from glmae.engine.precision import amp_dtype
+    from glmae.engine.run import load_segmenter
     from glmae.figures import curves_figure, grouped_bar_figure, overlays_figure
     from glmae.methods.segmentation import decode_logits, infer, label_map
 
@@ -146,7 +104,7 @@ def _figures(out: Path, metrics: dict, runs: dict[str, Path], pretrain_run: Path
     maps = {}
     image = None
     for name, run in runs.items():
-        cfg, model = load_model(run / "checkpoints" / "best.pt")
+        cfg, model = load_segmenter(run / "checkpoints" / "best.pt")
         device = pick_device(cfg.train.device)
         volume = Preprocessor(cfg.data, dataset.modalities)(case, with_label=True)
         with torch.inference_mode():
@@ -231,7 +189,7 @@ def demo(out: str | Path, quick: bool = False, plan: Plan | None = None) -> Path
                 print(f"demo [{i + 1}/{len(stages)}] {stages[i]}", flush=True)
 
         stage(0)
-        pool, labelled = make_data(out / "data", plan.pool, plan.train, plan.test, plan.shape, plan.seed)
+        pool, labelled = write_study(out / "data", plan.pool, plan.train, plan.test, plan.shape, plan.seed)
         stage(1)
         pre_cfg = load_config(plan.pretrain_config, [*plan.pretrain_set, f"train.max_steps={plan.pretrain_steps}"])
         run_stage("pretrain", out / "pretrain", pretrain, pre_cfg, str(pool), out / "pretrain")

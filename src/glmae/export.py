@@ -29,9 +29,10 @@ from typing import NamedTuple
 
 import torch
 
-from glmae.config import Config, EncoderConfig, ViTConfig
+from glmae.config import Config, EncoderConfig
 from glmae.engine import checkpoint
 from glmae.errors import InputError
+from glmae.models.vit import ViTConfig
 
 FORMATS = ("monai-unetr", "monai-vit", "safetensors")
 DEFAULT_IMG_SIZE = (96, 96, 96)
@@ -82,8 +83,7 @@ class Source(NamedTuple):
 
 def read_source(path: Path) -> Source:
     from glmae import config as cfglib
-    from glmae.finetune import model_from_checkpoint, read_encoder
-    from glmae.pretrain import encoder_meta
+    from glmae.engine.run import encoder_meta, model_from_checkpoint, read_encoder
 
     if path.suffix == ".safetensors":
         weights, arch, _ = read_encoder(path)

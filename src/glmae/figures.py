@@ -13,7 +13,8 @@ import numpy as np
 from glmae.engine.checkpoint import atomic_write
 
 
-def _figure():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (imported on first use, so importing glmae stays light)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +23,8 @@ def _figure():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save(fig, path: Path) -> None:
+    """The figure as a PNG, written atomically."""
     import io
 
     buf = io.BytesIO()
@@ -44,7 +46,7 @@ def orthogonal_slices(volume: np.ndarray, at: Sequence[int] | None = None) -> li
 def recon_figure(rows: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]], path: Path, vmin=0.0, vmax=1.0):
     """One row per view (`(row title, [(column title, (X, Y, Z) volume), ...])`), each volume as
     three orthogonal slices side by side."""
-    plt = _figure()
+    plt = pyplot()
     cmap = plt.get_cmap("gray").with_extremes(bad="#2b4d7a")  # masked patches (NaN) in blue
     n_rows = len(rows)
     n_cols = max(len(cols) for _, cols in rows) * 3
@@ -60,14 +62,14 @@ def recon_figure(rows: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]], p
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
     plt.close(fig)
 
 
 def curves_figure(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str = "",
                   xlabel: str = "step", ylabel: str = "", logy: bool = False) -> None:
     """Line plot of named (x, y) series."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, label=name)
@@ -80,7 +82,7 @@ def curves_figure(series: dict[str, tuple[Sequence[float], Sequence[float]]], pa
     if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
     plt.close(fig)
 
 
@@ -91,7 +93,7 @@ def bar_figure(values: dict[str, float], path: Path, title: str = "", ylabel: st
 
 def grouped_bar_figure(series: dict[str, dict[str, float]], path: Path, title: str = "", ylabel: str = "") -> None:
     """Bars per category for each named series (e.g. Dice per organ for two models), side by side."""
-    plt = _figure()
+    plt = pyplot()
     names = list(next(iter(series.values())))
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(names) * max(1, len(series) * 0.7) + 1.5), 3.5))
@@ -108,7 +110,7 @@ def grouped_bar_figure(series: dict[str, dict[str, float]], path: Path, title: s
     if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
     plt.close(fig)
 
 
@@ -121,7 +123,7 @@ def overlay_figure(image: np.ndarray, labels: np.ndarray, path: Path, title: str
 def overlays_figure(image: np.ndarray, maps: dict[str, np.ndarray], path: Path, title: str = "") -> None:
     """One row per named label map (e.g. ground truth and predictions) over the same image slices,
     through the centre of the first map's labelled voxels."""
-    plt = _figure()
+    plt = pyplot()
     first = next(iter(maps.values()))
     centre = np.argwhere(first > 0).mean(0).round().astype(int) if first.any() else None
     low, high = np.percentile(image, [1, 99])
@@ -137,5 +139,5 @@ def overlays_figure(image: np.ndarray, maps: dict[str, np.ndarray], path: Path, 
             ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
     plt.close(fig)

@@ -32,7 +32,9 @@ import torch
 from glmae import config as cfglib
 from glmae.config import Config, EncoderConfig
 from glmae.engine import checkpoint, distributed
+from glmae.engine.checkpoint import save_json
 from glmae.engine.data import SampleDataset
+from glmae.engine.run import check_run_dir, create_run_dir, load_volumes, read_encoder
 from glmae.engine.trainer import fit
 from glmae.errors import InputError
 
@@ -76,38 +78,6 @@ def make_splits(dataset, label_fraction: float, seed: int) -> dict[str, list[str
 # Encoder initialisation
 
 
-def model_from_checkpoint(state: dict, path: Path):
-    """(config, model with the checkpoint's weights, the encoder it exports) of a pretraining
-    checkpoint (its `export_encoder`, e.g. GL-MAE's teacher) or a fine-tuning one (`net.encoder`)."""
-    from glmae.methods import PRETRAINING, SEGMENTATION
-
-    cfg = cfglib.build(Config, state["config"])
-    if cfg.method.name in PRETRAINING:
-        model = PRETRAINING[cfg.method.name](cfg.encoder, cfg.method)
-    elif cfg.method.name in SEGMENTATION:
-        model = SEGMENTATION[cfg.method.name](cfg.encoder, cfg.method)
-    else:
-        raise InputError(f"checkpoint of unknown method {cfg.method.name!r}", path)
-    model.load_state_dict(state["model"])
-    encoder = model.export_encoder if cfg.method.name in PRETRAINING else model.net.encoder
-    return cfg, model, encoder
-
-
-def read_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
-    """(weights, encoder config as a dict, description) from an encoder.safetensors (+ .json), a
-    pretraining checkpoint or a fine-tuning checkpoint."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        weights, meta = checkpoint.load_encoder(path)
-        if not isinstance(meta.get("encoder"), dict):
-            raise InputError("the architecture file has no `encoder` section", path.with_suffix(".json"))
-        return weights, meta["encoder"], f"{meta.get('method', '?')} encoder, {meta.get('steps', '?')} steps"
-    state = checkpoint.load(path)
-    cfg, _, encoder = model_from_checkpoint(state, path)
-    description = f"{cfg.method.name} {state.get('kind', '')} checkpoint, {state['step']} steps"
-    return encoder.state_dict(), cfglib.to_dict(cfg.encoder), description
-
-
 def architecture_mismatch(theirs: dict, ours: EncoderConfig) -> list[str]:
     """'field file-value != config-value' for each architecture field that differs."""
     ours = cfglib.to_dict(ours)
@@ -147,12 +117,18 @@ def load_init(encoder: torch.nn.Module, init: str, cfg: Config) -> str:
 # The run
 
 
-def resolve(cfg: Config, dataset, init: str, mode: str, label_fraction: float, split_seed: int) -> Config:
-    """The config with the command-line options, label names/values and intensity mode filled in."""
+def resolve(cfg: Config, dataset, init: str | None, mode: str | None, label_fraction: float | None,
+            split_seed: int | None) -> Config:
+    """The config with the command-line options (those given, i.e. not None: the others keep the
+    config's values), label names/values and intensity mode filled in."""
     from glmae.data.preprocess import intensity_mode
-    from glmae.methods.segmentation import check_network
+    from glmae.methods.segmentation import MODES, check_network
 
-    method = cfg.method
+    given = dict(init=init, mode=mode, label_fraction=label_fraction, split_seed=split_seed)
+    method = dataclasses.replace(cfg.method, **{k: v for k, v in given.items() if v is not None})
+    init = method.init
+    if method.mode not in MODES:
+        raise InputError(f"--mode (method.mode): expected {' or '.join(MODES)}, got {method.mode!r}")
     regions = {name: list(values) for name, values in (method.regions or dataset.regions).items()}
     labels = dict(method.labels or dataset.labels)
     if not labels and not regions:
@@ -162,8 +138,8 @@ def resolve(cfg: Config, dataset, init: str, mode: str, label_fraction: float, s
     # an absolute path: a run resumes whichever way the same --init file is spelled
     init = init if init == "none" else str(Path(init).resolve())
     method = dataclasses.replace(
-        method, labels=dict(sorted(labels.items())), regions=regions, mode=mode, init=init,
-        label_fraction=float(label_fraction), split_seed=int(split_seed),
+        method, labels=dict(sorted(labels.items())), regions=regions, init=init,
+        label_fraction=float(method.label_fraction), split_seed=int(method.split_seed),
     )
     data = dataclasses.replace(cfg.data, intensity=intensity_mode(cfg.data, dataset.modalities))
     return dataclasses.replace(cfg, method=method, data=data)
@@ -178,7 +154,7 @@ class Validation:
         self.results: dict[int, dict] = {}
 
     def __call__(self, model, step: int) -> dict:
-        from glmae.evaluate import evaluate_volumes
+        from glmae.methods.validation import evaluate_volumes
 
         metrics = evaluate_volumes(model.net, self.volumes, self.cfg, self.env.device) if self.env.is_main else None
         metrics = distributed.broadcast_object(metrics, self.env)
@@ -207,23 +183,24 @@ def finetune(
     cfg: Config,
     data: str,
     out: str | Path,
-    init: str = "none",
-    mode: str = "e2e",
-    label_fraction: float = 1.0,
-    split_seed: int = 0,
+    init: str | None = None,
+    mode: str | None = None,
+    label_fraction: float | None = None,
+    split_seed: int | None = None,
     resume: bool = False,
 ) -> dict:
-    """Run fine-tuning; returns the validation metrics of the best checkpoint (RUN/metrics.json)."""
+    """Run fine-tuning; returns the validation metrics of the best checkpoint (RUN/metrics.json).
+    `init`, `mode`, `label_fraction` and `split_seed` override `cfg.method`'s fields when given."""
     from glmae.data.formats import load_dataset
-    from glmae.evaluate import evaluate_volumes, save_json
     from glmae.methods import SEGMENTATION
     from glmae.methods.segmentation import TrainItem, declared_values, foreground_points
-    from glmae.pretrain import check_run_dir, create_run_dir, load_volumes
+    from glmae.methods.validation import evaluate_volumes
 
     if cfg.task != "finetune" or cfg.method.name not in SEGMENTATION:
         raise InputError(
             f"config: {cfg.method.name!r} is not a fine-tuning method (use one of {', '.join(SEGMENTATION)})"
         )
+    init = cfg.method.init if init is None else init
     if init != "none" and not Path(init).is_file():
         raise InputError("--init: no such file (expected encoder.safetensors, a last.pt or 'none')", init)
     out = Path(out)
@@ -231,7 +208,8 @@ def finetune(
     try:
         dataset = load_dataset(data)
         cfg = resolve(cfg, dataset, init, mode, label_fraction, split_seed)
-        splits = make_splits(dataset, label_fraction, split_seed)
+        init = cfg.method.init
+        splits = make_splits(dataset, cfg.method.label_fraction, cfg.method.split_seed)
         resume = check_run_dir(out, resume, cfg)
         if resume:
             _check_splits(out, splits)
@@ -254,7 +232,7 @@ def finetune(
         validation = Validation(val, cfg, env)
         model = fit(
             model, cfg, samples, out, env, name="finetune", resume=resume, groups=model.param_groups(cfg.optim),
-            evaluate=validation, best_metric="mean_dice",
+            evaluate=validation, evaluate_every=cfg.train.val_every, best_metric="mean_dice",
         )
 
         metrics = None

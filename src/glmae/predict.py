@@ -88,12 +88,12 @@ def predict(checkpoint: Path, input: str, out: Path, overlay: bool = False) -> l
 
     from glmae.data.preprocess import Preprocessor, warn_smaller_than_roi
     from glmae.engine.distributed import pick_device
-    from glmae.engine.trainer import amp_dtype
-    from glmae.evaluate import load_model
+    from glmae.engine.precision import amp_dtype
+    from glmae.engine.run import load_segmenter
     from glmae.figures import overlay_figure
     from glmae.methods.segmentation import decode_logits, infer, label_map
 
-    cfg, model = load_model(checkpoint)
+    cfg, model = load_segmenter(checkpoint)
     device = pick_device(cfg.train.device)
     net = model.net.to(device)
     dtype = amp_dtype(cfg.train.amp, device)

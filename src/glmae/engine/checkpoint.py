@@ -25,6 +25,7 @@ import torch
 from glmae.errors import InputError
 
 FORMAT = "glmae-checkpoint/1"
+ENCODER_FORMAT = "glmae-encoder/1"  # safetensors metadata and encoder.json
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,6 +72,12 @@ def _os_error(err: BaseException | None) -> OSError | None:
     return err
 
 
+def save_json(data: Any, path: Path) -> None:
+    """`data` as indented JSON, written atomically."""
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
 def save(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
@@ -103,7 +110,7 @@ def save_encoder(weights: dict[str, torch.Tensor], meta: dict[str, Any], path: P
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    atomic_write(path, lambda f: f.write(save(tensors, metadata={"format": "glmae-encoder/1"})))
+    atomic_write(path, lambda f: f.write(save(tensors, metadata={"format": ENCODER_FORMAT})))
     text = json.dumps(meta, indent=2) + "\n"
     atomic_write(Path(path).with_suffix(".json"), lambda f: f.write(text.encode()))
 

@@ -61,6 +61,14 @@ def all_reduce_mean(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return values
 
 
+def all_reduce_sum_(values: torch.Tensor) -> torch.Tensor:
+    """Sum `values` over the ranks in place, if a process group is running (for modules such as a
+    method's running statistics, which hold no DistEnv)."""
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
 def all_gather_objects(obj, env: DistEnv) -> list:
     if not env.distributed:
         return [obj]

@@ -52,20 +52,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from glmae.config import MethodConfig, ViTConfig, register_method
+from glmae.config import register_method
 from glmae.data import sampling
-from glmae.methods.mae3d import MaskedAutoencoder
-from glmae.models.mae import reconstruction_loss
+from glmae.engine import distributed
+from glmae.methods.mae3d import MAEConfig
+from glmae.models.mae import MaskedAutoencoder, reconstruction_loss
 from glmae.models.patches import random_masking, token_grid
+from glmae.models.vit import ViTConfig
 
 
 @register_method("glmae")
 @dataclass
-class GLMAEConfig(MethodConfig):
+class GLMAEConfig(MAEConfig):
     name: str = "glmae"
     n_global: int = 2
     n_local: int = 4
@@ -73,12 +74,6 @@ class GLMAEConfig(MethodConfig):
     local_size: tuple[int, int, int] = (96, 96, 96)
     global_scale: tuple[float, float] = (0.5, 1.0)  # side fraction of the volume's extent
     local_scale: tuple[float, float] = (0.25, 0.5)
-    mask_ratio: float = 0.75
-    norm_pix: bool = True
-    decoder_width: int = 384
-    decoder_depth: int = 8
-    decoder_heads: int = 12
-    flip_prob: float = 0.5  # per spatial axis, per volume (shared by its views)
     head_hidden: int = 2048
     head_out: int = 512
     head_batch_norm: bool = True  # BatchNorm in the head (see the module docstring)
@@ -244,11 +239,8 @@ class GLMAE(MaskedAutoencoder):
 
     @torch.no_grad()
     def _update_center(self, teacher_out: torch.Tensor) -> None:
-        batch_center = teacher_out.sum(0)
-        count = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
-        if dist.is_initialized():
-            dist.all_reduce(batch_center)
-            dist.all_reduce(count)
+        batch_center = distributed.all_reduce_sum_(teacher_out.sum(0))
+        count = distributed.all_reduce_sum_(torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device))
         m = self.cfg.center_momentum
         self.center.mul_(m).add_(batch_center / count, alpha=1 - m)
 

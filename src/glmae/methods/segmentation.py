@@ -37,24 +37,24 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
-from glmae.config import MethodConfig, OptimConfig, ViTConfig, register_method
+from glmae.config import MethodConfig, OptimConfig, register_method
 from glmae.data import sampling
 from glmae.engine.optim import param_groups
-from glmae.engine.trainer import autocast
+from glmae.engine.precision import autocast
 from glmae.errors import InputError
 from glmae.models.patches import token_grid
 from glmae.models.swin import SwinConfig, SwinUNETR
 from glmae.models.unetr import UNETR
+from glmae.models.vit import ViTConfig
 
 MODES = ("linear", "e2e")
 
 
-@register_method("unetr")
 @dataclass
 class SegmentationConfig(MethodConfig):
-    name: str = "unetr"
+    """What every segmentation network's fine-tuning shares (UNETR, Swin-UNETR)."""
+
     roi: tuple[int, int, int] = (96, 96, 96)  # training crop and sliding-window size, voxels
-    feature_size: int = 16
     norm: str = "instance"
     labels: dict[int, str] = field(default_factory=dict)  # value -> name; {} -> the data set's
     regions: dict[str, list[int]] = field(default_factory=dict)  # name -> values; sigmoid outputs
@@ -64,23 +64,30 @@ class SegmentationConfig(MethodConfig):
     jitter_prob: float = 0.1  # for the scale and for the shift, independently
     sw_batch_size: int = 4  # windows per forward pass in sliding-window inference
     sw_overlap: float = 0.5
-    # Filled by `glmae finetune` from its options, so that the run describes itself:
+    # `glmae finetune`'s options, which override them when given, so that the run describes itself:
     mode: str = "e2e"  # --mode: linear (encoder frozen) | e2e
     init: str = "none"  # --init
     label_fraction: float = 1.0  # --label-fraction
     split_seed: int = 0  # --split-seed
 
 
+@register_method("unetr")
+@dataclass
+class UNETRConfig(SegmentationConfig):
+    name: str = "unetr"
+    feature_size: int = 16  # channels of UNETR's first convolutional stage, doubled at each deeper one
+
+
 @register_method("swin_unetr")
 @dataclass
 class SwinUNETRConfig(SegmentationConfig):
     """Swin-UNETR: MONAI's network on a Swin encoder (`encoder.arch: swin`), whose feature size
-    sets the decoder's widths too (`feature_size` here is UNETR's and unused)."""
+    (`encoder.feature_size`) sets the decoder's widths too."""
 
     name: str = "swin_unetr"
 
 
-def _unetr(encoder: ViTConfig, cfg: SegmentationConfig, out_channels: int) -> nn.Module:
+def _unetr(encoder: ViTConfig, cfg: UNETRConfig, out_channels: int) -> nn.Module:
     return UNETR(encoder, out_channels, cfg.feature_size, cfg.norm)
 
 

@@ -1,13 +1,15 @@
-"""MAE decoder and reconstruction loss, shared by MAE3D and GL-MAE (METHODS.md, "MAE3D")."""
+"""The masked autoencoder of MAE3D and GL-MAE: ViT encoder, MAE decoder, reconstruction loss
+(METHODS.md, "MAE3D")."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmae.models.patches import gather_tokens, patchify
-from glmae.models.vit import Block, _init_weights, sincos_embedding
+from glmae.models.patches import gather_tokens, patchify, token_grid, unpatchify
+from glmae.models.vit import Block, ViT, ViTConfig, _init_weights, sincos_embedding
 
 
 class MAEDecoder(nn.Module):
@@ -58,3 +60,44 @@ def reconstruction_loss(
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
     return F.mse_loss(pred.float(), target)
+
+
+class MaskedAutoencoder(nn.Module):
+    """ViT encoder + MAE decoder; the reconstruction core of MAE3D and GL-MAE."""
+
+    def __init__(self, encoder: ViTConfig, decoder_width: int, decoder_depth: int, decoder_heads: int,
+                 norm_pix: bool = True):
+        super().__init__()
+        self.patch = encoder.patch_size
+        self.norm_pix = norm_pix
+        self.encoder = ViT(encoder)
+        self.decoder = MAEDecoder(
+            encoder.width, decoder_width, decoder_depth, decoder_heads, encoder.patch_size, encoder.in_channels
+        )
+
+    @property
+    def export_encoder(self) -> nn.Module:
+        """The encoder written to encoder.safetensors."""
+        return self.encoder
+
+    def reconstruct(self, images: torch.Tensor, keep: torch.Tensor, masked: torch.Tensor):
+        """images (N, C, X, Y, Z), keep (N, K), masked (N, M) -> (loss, predictions (N, M, C·p³),
+        visible-token features (N, K, D))."""
+        latent, _ = self.encoder(images, keep)
+        pred = self.decoder(latent, keep, masked, token_grid(images.shape[2:], self.patch))
+        return reconstruction_loss(pred, images, masked, self.patch, self.norm_pix), pred, latent
+
+    def reconstruction_volumes(self, images, keep, masked, pred) -> tuple[np.ndarray, np.ndarray]:
+        """First sample's masked input (masked patches NaN) and reconstruction as (X, Y, Z) arrays
+        of channel 0, the predicted patches mapped back with the true patches' mean and std."""
+        grid = token_grid(images.shape[2:], self.patch)
+        patches = patchify(images[:1].float(), self.patch)
+        pred = pred[:1].float()
+        if self.norm_pix:
+            target = gather_tokens(patches, masked[:1])
+            pred = pred * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+        index = masked[:1].unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+        shown = patches.scatter(1, index, torch.full_like(pred, float("nan")))
+        recon = patches.scatter(1, index, pred)
+        to_np = lambda p: unpatchify(p, self.patch, grid)[0, 0].detach().cpu().numpy()  # noqa: E731
+        return to_np(shown), to_np(recon)

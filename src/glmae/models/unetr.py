@@ -27,9 +27,8 @@ import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
-from glmae.config import ViTConfig
 from glmae.models.patches import token_grid
-from glmae.models.vit import ViT
+from glmae.models.vit import ViT, ViTConfig
 
 
 def num_stages(patch: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +23,23 @@ from monai.networks.blocks.pos_embed_utils import build_sincos_position_embeddin
 from monai.networks.layers import DropPath
 from torch import nn
 
-from glmae.config import ViTConfig
+from glmae.config import EncoderConfig, register_encoder
 from glmae.models.patches import gather_tokens, patchify, token_grid
 
-# width, depth, heads (METHODS.md); vit_nano is the CPU preset of the *_tiny configs
-PRESETS: dict[str, dict] = {
-    "vit_nano": dict(width=192, depth=6, heads=3),
-    "vit_tiny": dict(width=192, depth=12, heads=3),
-    "vit_small": dict(width=384, depth=12, heads=6),
-    "vit_base": dict(width=768, depth=12, heads=12),
-}
+
+@register_encoder("vit")
+@dataclass
+class ViTConfig(EncoderConfig):
+    """3D ViT (METHODS.md, "Shared backbone")."""
+
+    arch: str = "vit"
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path: float = 0.0
 
 
 @functools.lru_cache(maxsize=64)
@@ -159,10 +167,3 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
-
-
-def vit_config(preset: str, **overrides) -> ViTConfig:
-    """ViTConfig for a named preset, e.g. vit_config("vit_base", patch_size=16)."""
-    if preset not in PRESETS:
-        raise KeyError(f"unknown ViT preset {preset!r} (known: {', '.join(PRESETS)})")
-    return ViTConfig(**{**PRESETS[preset], **overrides})
