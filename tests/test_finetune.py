@@ -184,3 +184,16 @@ def test_resolve_records_options_labels_regions_and_intensity():
     assert cfg.data.intensity == "ct"
     with pytest.raises(InputError, match="multiples of the patch size"):
         resolve(load_config("unetr_tiny", ["method.roi=[60,64,48]"]), dataset, "none", "e2e", 1.0, 0)
+
+
+def test_options_set_in_the_config_are_kept_unless_given_on_the_command_line():
+    from glmae.finetune import resolve
+
+    dataset = _dataset(3)
+    sets = ["method.mode=linear", "method.label_fraction=0.5", "method.split_seed=3", "method.init=enc.safetensors"]
+    m = resolve(load_config("unetr_tiny", sets), dataset, None, None, None, None).method
+    assert (m.mode, m.label_fraction, m.split_seed, m.init) == ("linear", 0.5, 3, str(Path.cwd() / "enc.safetensors"))
+    m = resolve(load_config("unetr_tiny", sets), dataset, "none", "e2e", 1.0, 0).method
+    assert (m.mode, m.label_fraction, m.split_seed, m.init) == ("e2e", 1.0, 0, "none")
+    with pytest.raises(InputError, match="method.mode"):
+        resolve(load_config("unetr_tiny", ["method.mode=frozen"]), dataset, None, None, None, None)

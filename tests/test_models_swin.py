@@ -48,8 +48,8 @@ def test_feature_size_must_suit_monai():
 
 
 def test_a_swin_config_loads_before_anything_imported_its_module(monkeypatch):
-    """An arch missing from the registry (only "vit" is registered by glmae.config itself) makes
-    the config machinery import the plugin modules, where "swin" registers."""
+    """An arch missing from the registry (here only "vit" is registered) makes the config machinery
+    import the plugin modules, where "swin" registers."""
     import glmae.methods  # noqa: F401  (registers the methods; swin is already imported)
 
     monkeypatch.setattr(cfglib, "_ENCODERS", {"vit": ViTConfig})
