@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmae.models.patches import gather_tokens, patchify, token_grid, unpatchify
-from glmae.models.vit import Block, ViT, ViTConfig, _init_weights, sincos_embedding
+from glmae.models.vit import Block, ViT, ViTConfig, init_weights, sincos_embedding
 
 
 class MAEDecoder(nn.Module):
@@ -27,7 +27,7 @@ class MAEDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.pred = nn.Linear(width, in_channels * patch**3)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(

@@ -139,7 +139,7 @@ class ViT(nn.Module):
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, rate) for rate in rates
         )
         self.norm = nn.LayerNorm(cfg.width)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         # patch embedding initialised like a linear layer (MAE)
         nn.init.xavier_uniform_(self.patch_embedding.patch_embeddings.weight.view(cfg.width, -1))
 
@@ -159,7 +159,7 @@ class ViT(nn.Module):
         return self.norm(tokens), hidden
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_weights(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
