@@ -10,14 +10,16 @@ from glmae.models.vit import ViTConfig
 
 
 def reference_loss(pred, images, masked, p, norm_pix):
-    """MSE over masked patches, written with explicit loops over patches and voxels."""
+    """MSE over masked patches, written with explicit loops over patches and voxels; p an int or
+    one side per axis."""
+    px, py, pz = (p, p, p) if isinstance(p, int) else p
     total, count = 0.0, 0
     _, _, X, Y, Z = images.shape
-    gy, gz = Y // p, Z // p
+    gy, gz = Y // py, Z // pz
     for n in range(images.shape[0]):
         for m, t in enumerate(masked[n].tolist()):
             i, j, k = t // (gy * gz), (t // gz) % gy, t % gz
-            patch = images[n, :, i * p:(i + 1) * p, j * p:(j + 1) * p, k * p:(k + 1) * p].flatten()
+            patch = images[n, :, i * px:(i + 1) * px, j * py:(j + 1) * py, k * pz:(k + 1) * pz].flatten()
             if norm_pix:
                 patch = (patch - patch.mean()) / (patch.var() + 1e-6).sqrt()
             total += ((pred[n, m] - patch) ** 2).sum().item()
@@ -26,13 +28,32 @@ def reference_loss(pred, images, masked, p, norm_pix):
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
-def test_loss_matches_hand_computed_reference(norm_pix):
+@pytest.mark.parametrize("patch,shape", [(2, (4, 4, 6)), ((2, 2, 3), (4, 4, 9)), ((2, 3, 1), (4, 6, 3))])
+def test_loss_matches_hand_computed_reference(norm_pix, patch, shape):
     torch.manual_seed(0)
-    images = torch.randn(2, 1, 4, 4, 6)  # patch 2: 2 x 2 x 3 = 12 tokens
+    images = torch.randn(2, 1, *shape)  # 12 tokens each
     masked = torch.tensor([[0, 3, 7], [2, 5, 11]])
-    pred = torch.randn(2, 3, 8)
-    got = reconstruction_loss(pred, images, masked, 2, norm_pix)
-    assert got.item() == pytest.approx(reference_loss(pred, images, masked, 2, norm_pix), rel=1e-5)
+    volume = 8 if isinstance(patch, int) else patch[0] * patch[1] * patch[2]
+    pred = torch.randn(2, 3, volume)
+    got = reconstruction_loss(pred, images, masked, patch, norm_pix)
+    assert got.item() == pytest.approx(reference_loss(pred, images, masked, patch, norm_pix), rel=1e-5)
+
+
+def test_2d_masked_autoencoder_trains_on_depth_1_images():
+    """MAE on 2D images (patch 4x4x1): the decoder predicts 16-pixel patches, every parameter learns."""
+    torch.manual_seed(0)
+    model = MAE3D(ViTConfig(patch_size=(4, 4, 1), width=24, depth=2, heads=2),
+                  MAE3DConfig(roi=(16, 16, 1), decoder_width=12, decoder_depth=1, decoder_heads=2))
+    assert model.decoder.pred.out_features == 16
+    sample = model.sampler()(fake_volume((20, 20, 1)), np.random.default_rng(0))
+    assert sample["image"].shape == (1, 16, 16, 1) and len(sample["keep"]) == 4 and len(sample["masked"]) == 12
+    batch = {k: torch.as_tensor(v)[None] for k, v in sample.items()}
+    loss, _ = model(batch)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    shown, recon = model.reconstruction_volumes(batch["image"], batch["keep"], batch["masked"],
+                                                model.reconstruct(batch["image"], batch["keep"], batch["masked"])[1])
+    assert shown.shape == recon.shape == (16, 16, 1) and np.isnan(shown).sum() == 12 * 16
 
 
 def test_loss_ignores_visible_patches():

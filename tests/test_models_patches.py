@@ -3,7 +3,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmae.models.patches import gather_tokens, mask_from_indices, patchify, random_masking, token_grid, unpatchify
+from glmae.models.patches import (
+    gather_tokens,
+    mask_from_indices,
+    patch_shape,
+    patchify,
+    random_masking,
+    token_grid,
+    unpatchify,
+)
 
 
 def test_unpatchify_inverts_patchify():
@@ -61,3 +69,36 @@ def test_gather_and_mask_helpers():
     assert torch.equal(gather_tokens(x, idx)[1, 0], x[1, 2])
     m = mask_from_indices(idx, 5)
     assert m.tolist() == [[1, 0, 0, 0, 1], [0, 0, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("patch", [(4, 4, 2), (8, 8, 1), (2, 4, 8)])
+def test_anisotropic_round_trip_and_conv3d_order(patch):
+    """Per-axis patches: unpatchify inverts patchify, and tokens are Conv3d(kernel=stride=patch)'s."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 24, 8)
+    p = patchify(x, patch)
+    grid = token_grid(x.shape[2:], patch)
+    assert grid == (16 // patch[0], 24 // patch[1], 8 // patch[2])
+    assert p.shape == (2, grid[0] * grid[1] * grid[2], 3 * patch[0] * patch[1] * patch[2])
+    assert torch.equal(unpatchify(p, patch, grid), x)
+    conv = torch.nn.Conv3d(3, 5, kernel_size=patch, stride=patch)
+    torch.testing.assert_close(F.linear(p, conv.weight.flatten(1), conv.bias), conv(x).flatten(2).transpose(1, 2))
+
+
+def test_2d_image_as_depth_1_volume_by_hand():
+    """A 4x4 image with 2x2x1 patches: token 1 is the top-right 2x2 block of rows 0-1, cols 2-3."""
+    image = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4, 1)
+    p = patchify(image, (2, 2, 1))
+    assert p.shape == (1, 4, 4)
+    assert p[0, 1].tolist() == [2.0, 3.0, 6.0, 7.0]
+    assert torch.equal(unpatchify(p, (2, 2, 1), (2, 2, 1)), image)
+
+
+def test_int_patch_is_a_cube_and_bad_patches_are_refused():
+    x = torch.randn(1, 1, 8, 8, 8)
+    assert torch.equal(patchify(x, 4), patchify(x, (4, 4, 4)))
+    assert patch_shape(4) == (4, 4, 4) and patch_shape([16, 16, 1]) == (16, 16, 1)
+    with pytest.raises(ValueError, match="multiples of the patch size 4x4x3"):
+        token_grid((8, 8, 8), (4, 4, 3))
+    with pytest.raises(ValueError):
+        patch_shape((16, 16))

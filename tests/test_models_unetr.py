@@ -48,3 +48,20 @@ def test_layer_of_for_layer_wise_decay():
     assert net.layer_of("vit.blocks.2.mlp.linear2.bias") == 3
     assert net.layer_of("vit.norm.weight") == 4
     assert net.layer_of("decoder2.conv_block.conv1.conv.weight") == 4
+
+
+def test_anisotropic_patches_are_refused_with_one_line():
+    with pytest.raises(ValueError, match="same patch size on every axis .* got 16x16x2"):
+        UNETR(ViTConfig(width=24, depth=4, heads=2, patch_size=(16, 16, 2)), out_channels=2)
+
+
+def test_finetune_refuses_unetr_with_anisotropic_patches(tmp_path, run_cli):
+    from segdata import write_msd
+
+    data = write_msd(tmp_path / "data", cases=3)
+    code, _, err = run_cli("finetune", "--config", "unetr_tiny", "--data", data, "--out", tmp_path / "run",
+                           "--set", "encoder.patch_size=[8,8,4]")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == ["glmae: error: config: encoder.patch_size: UNETR needs the same patch size "
+                                        "on every axis (its decoder doubles every axis at each stage), got 8x8x4"]
+    assert not (tmp_path / "run").exists()

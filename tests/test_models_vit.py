@@ -112,3 +112,70 @@ def test_matches_monai_vit_with_copied_weights():
     got, hidden = ours(x, out_blocks=(0, 1))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(hidden[0], expected_hidden[0], rtol=1e-4, atol=1e-5)
+
+
+def test_patch_size_keeps_its_int_form_and_takes_one_per_axis():
+    from glmae.config import EncoderConfig, build, to_dict
+    from glmae.errors import InputError
+
+    assert build(EncoderConfig, {"arch": "vit", "patch_size": 8}).patch_size == 8
+    assert build(EncoderConfig, {"arch": "vit", "patch_size": [8, 8, 8]}).patch_size == 8  # one spelling
+    cfg = build(EncoderConfig, {"arch": "vit", "patch_size": [16, 16, 1]})
+    assert cfg.patch_size == (16, 16, 1) and cfg.patch == (16, 16, 1)
+    assert to_dict(cfg)["patch_size"] == [16, 16, 1]
+    with pytest.raises(InputError, match="encoder.patch_size"):
+        build(EncoderConfig, {"arch": "vit", "patch_size": [16, 0, 1]})
+
+
+def test_2d_images_as_depth_1_volumes():
+    """A 2D image (N, C, H, W, 1) with patch (p, p, 1): tokens are Conv3d's, positions a 2D grid."""
+    torch.manual_seed(0)
+    vit = tiny_vit(patch_size=(4, 4, 1), depth=0)
+    x = torch.randn(2, 1, 16, 12, 1)
+    tokens, _ = vit(x)
+    assert tokens.shape == (2, 4 * 3, 24)
+    conv = vit.patch_embedding.patch_embeddings
+    assert conv.weight.shape == (24, 1, 4, 4, 1)
+    expected = conv(x).flatten(2).transpose(1, 2) + sincos_embedding((4, 3, 1), 24)
+    torch.testing.assert_close(tokens, vit.norm(expected))
+
+
+def test_old_style_encoder_file_loads_unchanged(tmp_path):
+    """An encoder written before per-axis patches (encoder.json with `patch_size: 8`, a Conv3d
+    weight of (width, C, 8, 8, 8)) loads into today's ViT, whichever way the config spells the
+    patch, with every tensor used and the same output as the convolution it holds."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from glmae.config import load_config
+    from glmae.finetune import load_init
+    from glmae.methods.segmentation import Segmenter
+
+    torch.manual_seed(0)
+    arch = {"arch": "vit", "in_channels": 1, "patch_size": 8, "width": 24, "depth": 2, "heads": 2,
+            "mlp_ratio": 4.0, "qkv_bias": True, "drop_path": 0.0}
+    weights = {"patch_embedding.patch_embeddings.weight": torch.randn(24, 1, 8, 8, 8),
+               "patch_embedding.patch_embeddings.bias": torch.randn(24), "norm.weight": torch.ones(24),
+               "norm.bias": torch.zeros(24)}
+    for i in range(2):
+        weights |= {f"blocks.{i}.{name}": torch.randn(*shape) * 0.1 for name, shape in [
+            ("norm1.weight", (24,)), ("norm1.bias", (24,)), ("attn.qkv.weight", (72, 24)), ("attn.qkv.bias", (72,)),
+            ("attn.out_proj.weight", (24, 24)), ("attn.out_proj.bias", (24,)), ("norm2.weight", (24,)),
+            ("norm2.bias", (24,)), ("mlp.linear1.weight", (96, 24)), ("mlp.linear1.bias", (96,)),
+            ("mlp.linear2.weight", (24, 96)), ("mlp.linear2.bias", (24,))]}
+    save_file(weights, tmp_path / "encoder.safetensors", metadata={"format": "glmae-encoder/1"})
+    meta = {"format": "glmae-encoder/1", "encoder": arch, "method": "mae3d", "steps": 10}
+    (tmp_path / "encoder.json").write_text(json.dumps(meta))
+    for spelling in (8, [8, 8, 8]):
+        cfg = load_config("unetr_tiny", ["encoder.width=24", "encoder.depth=2", "encoder.heads=2",
+                                         f"encoder.patch_size={spelling}", "method.labels={0: bg, 1: a}"])
+        model = Segmenter(cfg.encoder, cfg.method)
+        report = load_init(model.net.encoder, str(tmp_path / "encoder.safetensors"), cfg)
+        assert f"loaded {len(weights)} tensors, missing 0" in report and "unexpected 0" in report
+        vit = model.net.encoder.eval()
+        x = torch.randn(1, 1, 16, 16, 8)
+        conv = torch.nn.functional.conv3d(x, weights["patch_embedding.patch_embeddings.weight"],
+                                          weights["patch_embedding.patch_embeddings.bias"], stride=8)
+        torch.testing.assert_close(vit.patch_embedding(x), conv.flatten(2).transpose(1, 2)
+                                   + sincos_embedding((2, 2, 1), 24))

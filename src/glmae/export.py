@@ -55,7 +55,8 @@ def monai_vit_weights(encoder: dict[str, torch.Tensor], cfg: ViTConfig, img_size
 
 def monai_vit_args(cfg: ViTConfig, img_size) -> dict:
     return {
-        "in_channels": cfg.in_channels, "img_size": list(img_size), "patch_size": cfg.patch_size,
+        "in_channels": cfg.in_channels, "img_size": list(img_size), "patch_size": cfg.patch_size
+        if isinstance(cfg.patch_size, int) else list(cfg.patch_size),
         "hidden_size": cfg.width, "mlp_dim": int(cfg.width * cfg.mlp_ratio), "num_layers": cfg.depth,
         "num_heads": cfg.heads, "proj_type": "conv", "pos_embed_type": "sincos", "classification": False,
         "dropout_rate": 0.0, "spatial_dims": 3, "qkv_bias": cfg.qkv_bias,

@@ -226,6 +226,9 @@ class GMIM(nn.Module):
             if cfg.hierarchical_prob > 0:
                 raise InputError("config: method.hierarchical_prob: hierarchical masking needs a multi-scale "
                                  "encoder (swin); set it to 0 for a ViT")
+            if not isinstance(encoder.patch_size, int):
+                raise InputError("config: encoder.patch_size: GMIM's convolutional decoder up-samples every axis "
+                                 f"alike and needs a cubic patch, got {list(encoder.patch_size)}")
             self.encoder = ViT(encoder)
             width, self.stride = encoder.width, encoder.patch_size
         else:

@@ -44,7 +44,7 @@ from glmae.engine.precision import autocast
 from glmae.errors import InputError
 from glmae.models.patches import token_grid
 from glmae.models.swin import SwinConfig, SwinUNETR
-from glmae.models.unetr import UNETR
+from glmae.models.unetr import UNETR, num_stages
 from glmae.models.vit import ViTConfig
 
 MODES = ("linear", "e2e")
@@ -107,6 +107,10 @@ def check_network(cfg: SegmentationConfig, encoder) -> None:
     if encoder.arch != ENCODERS[cfg.name]:
         raise InputError(f"config: encoder.arch: {cfg.name} needs a {ENCODERS[cfg.name]} encoder, not {encoder.arch!r}")
     if cfg.name == "unetr":
+        try:
+            num_stages(encoder.patch_size)
+        except ValueError as err:
+            raise InputError(f"config: encoder.patch_size: {err}") from None
         try:
             token_grid(cfg.roi, encoder.patch_size)
         except ValueError as err:

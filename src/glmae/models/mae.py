@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmae.models.patches import gather_tokens, patchify, token_grid, unpatchify
+from glmae.models.patches import Patch, gather_tokens, patch_volume, patchify, token_grid, unpatchify
 from glmae.models.vit import Block, ViT, ViTConfig, init_weights, sincos_embedding
 
 
@@ -16,17 +16,17 @@ class MAEDecoder(nn.Module):
     """Visible tokens -> predicted patches of the masked tokens.
 
     Linear(encoder width -> width), mask tokens at the masked positions, sin-cos positions,
-    `depth` blocks, norm, Linear(width -> C·p³) applied to the masked tokens only (the loss
-    never looks at the others).
+    `depth` blocks, norm, Linear(width -> C·px·py·pz) applied to the masked tokens only (the loss
+    never looks at the others). Any patch shape, 2D (p, p, 1) included.
     """
 
-    def __init__(self, encoder_width: int, width: int, depth: int, heads: int, patch: int, in_channels: int):
+    def __init__(self, encoder_width: int, width: int, depth: int, heads: int, patch: Patch, in_channels: int):
         super().__init__()
         self.embed = nn.Linear(encoder_width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
-        self.pred = nn.Linear(width, in_channels * patch**3)
+        self.pred = nn.Linear(width, in_channels * patch_volume(patch))
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -47,11 +47,11 @@ class MAEDecoder(nn.Module):
 
 
 def reconstruction_loss(
-    pred: torch.Tensor, images: torch.Tensor, masked: torch.Tensor, patch: int, norm_pix: bool = True
+    pred: torch.Tensor, images: torch.Tensor, masked: torch.Tensor, patch: Patch, norm_pix: bool = True
 ) -> torch.Tensor:
     """MSE over masked patches only.
 
-    pred (N, M, C·p³): predictions for the masked tokens `masked` (N, M) of images (N, C, X, Y, Z).
+    pred (N, M, C·px·py·pz): predictions for the masked tokens `masked` (N, M) of images (N, C, X, Y, Z).
     With `norm_pix` each target patch is normalised to zero mean and unit variance (MAE).
     """
     target = gather_tokens(patchify(images, patch), masked).float()
@@ -68,7 +68,7 @@ class MaskedAutoencoder(nn.Module):
     def __init__(self, encoder: ViTConfig, decoder_width: int, decoder_depth: int, decoder_heads: int,
                  norm_pix: bool = True):
         super().__init__()
-        self.patch = encoder.patch_size
+        self.patch = encoder.patch
         self.norm_pix = norm_pix
         self.encoder = ViT(encoder)
         self.decoder = MAEDecoder(

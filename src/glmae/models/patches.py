@@ -1,43 +1,70 @@
 """Patches and token masks: pure functions shared by every masked-image-modelling method.
 
-A volume (N, C, X, Y, Z) with sides divisible by the patch size p is cut into L = (X/p)(Y/p)(Z/p)
-patches in row-major grid order, the order of `Conv3d(...).flatten(2)`. Inside a patch the values
-are ordered (C, p, p, p), the layout of a Conv3d weight, so the patch embedding can run as a
-matrix product on just the visible patches.
+A volume (N, C, X, Y, Z) whose sides are multiples of the patch (px, py, pz) is cut into
+L = (X/px)(Y/py)(Z/pz) patches in row-major grid order, the order of `Conv3d(...).flatten(2)`.
+Inside a patch the values are ordered (C, px, py, pz), the layout of a Conv3d weight, so the patch
+embedding can run as a matrix product on just the visible patches.
+
+A patch is given per axis, or as one int for a cube (`8` is `(8, 8, 8)`). Anisotropic patches
+serve data whose voxels are not cubes (16x16x2 for MRI with 8 mm slices) and 2D images, which are
+depth-1 volumes (N, C, H, W, 1) cut with 16x16x1 patches: one code path for 2D and 3D, so the
+ViT, the masking, the position embeddings and the MAE decoder have no 2D copies.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
-
-def token_grid(spatial: tuple[int, ...] | torch.Size, patch: int) -> tuple[int, int, int]:
-    """(X, Y, Z) -> (X/p, Y/p, Z/p); raises ValueError if a side is not a multiple of p."""
-    if any(s % patch for s in spatial):
-        raise ValueError(f"volume sides {tuple(spatial)} must be multiples of the patch size {patch}")
-    return tuple(s // patch for s in spatial)
+Patch = int | Sequence[int]  # one side for a cube, or (px, py, pz)
 
 
-def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """(N, C, X, Y, Z) -> (N, L, C·p³)."""
+def patch_shape(patch: Patch) -> tuple[int, int, int]:
+    """8 -> (8, 8, 8); (16, 16, 1) -> (16, 16, 1). ValueError unless 3 positive sides."""
+    shape = (patch,) * 3 if isinstance(patch, int) else tuple(int(p) for p in patch)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"a patch is one positive side or three (x, y, z), got {patch!r}")
+    return shape
+
+
+def patch_volume(patch: Patch) -> int:
+    """Voxels per patch: p³, or px·py·pz."""
+    return math.prod(patch_shape(patch))
+
+
+def token_grid(spatial: tuple[int, ...] | torch.Size, patch: Patch) -> tuple[int, int, int]:
+    """(X, Y, Z) -> (X/px, Y/py, Z/pz); raises ValueError if a side is not a multiple of its patch side."""
+    shape = patch_shape(patch)
+    if len(spatial) != 3 or any(s % p for s, p in zip(spatial, shape)):
+        size = "x".join(map(str, shape))
+        raise ValueError(f"volume sides {tuple(spatial)} must be multiples of the patch size {size}")
+    return tuple(s // p for s, p in zip(spatial, shape))
+
+
+def patchify(x: torch.Tensor, patch: Patch) -> torch.Tensor:
+    """(N, C, X, Y, Z) -> (N, L, C·px·py·pz)."""
     n, c = x.shape[:2]
+    px, py, pz = patch_shape(patch)
     gx, gy, gz = token_grid(x.shape[2:], patch)
-    x = x.reshape(n, c, gx, patch, gy, patch, gz, patch)
-    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # (N, gx, gy, gz, C, p, p, p)
-    return x.reshape(n, gx * gy * gz, c * patch**3)
+    x = x.reshape(n, c, gx, px, gy, py, gz, pz)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # (N, gx, gy, gz, C, px, py, pz)
+    return x.reshape(n, gx * gy * gz, c * px * py * pz)
 
 
-def unpatchify(x: torch.Tensor, patch: int, grid: tuple[int, int, int]) -> torch.Tensor:
-    """(N, L, C·p³) -> (N, C, X, Y, Z); the inverse of `patchify`."""
+def unpatchify(x: torch.Tensor, patch: Patch, grid: tuple[int, int, int]) -> torch.Tensor:
+    """(N, L, C·px·py·pz) -> (N, C, X, Y, Z); the inverse of `patchify`."""
     n, length, dim = x.shape
+    px, py, pz = patch_shape(patch)
     gx, gy, gz = grid
-    c = dim // patch**3
-    if length != gx * gy * gz or c * patch**3 != dim:
-        raise ValueError(f"cannot unpatchify {tuple(x.shape)} into grid {grid} with patch {patch}")
-    x = x.reshape(n, gx, gy, gz, c, patch, patch, patch)
-    x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (N, C, gx, p, gy, p, gz, p)
-    return x.reshape(n, c, gx * patch, gy * patch, gz * patch)
+    c = dim // (px * py * pz)
+    if length != gx * gy * gz or c * px * py * pz != dim:
+        raise ValueError(f"cannot unpatchify {tuple(x.shape)} into grid {grid} with patch {patch_shape(patch)}")
+    x = x.reshape(n, gx, gy, gz, c, px, py, pz)
+    x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (N, C, gx, px, gy, py, gz, pz)
+    return x.reshape(n, c, gx * px, gy * py, gz * pz)
 
 
 def random_masking(length: int, ratio: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

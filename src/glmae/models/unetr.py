@@ -19,6 +19,11 @@ For p = 16 this is MONAI's UNETR exactly, for any depth: skips after blocks d//4
 (0-based; MONAI's hidden_states_out[3], [6], [9] for d = 12), encoder2/3/4 with 2/1/0 up-sampling
 blocks, decoder5 .. decoder2. For p = 8 (the *_tiny configs) there is one stage fewer: skips after
 blocks d//3 and 2d//3, encoder2/3 with 1/0 up-sampling blocks, decoder4 .. decoder2.
+
+Anisotropic patches (16x16x2, or 16x16x1 for 2D images) are refused: every stage of this decoder
+doubles every axis, so an axis with a smaller patch would need stages that up-sample only some
+axes, which neither MONAI's UNETR nor its published weights have. One clear line says so
+(`num_stages`); fine-tuning checks it before anything is written.
 """
 
 from __future__ import annotations
@@ -27,18 +32,23 @@ import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
-from glmae.models.patches import token_grid
+from glmae.models.patches import Patch, patch_shape, token_grid
 from glmae.models.vit import ViT, ViTConfig
 
 
-def num_stages(patch: int) -> int:
-    """Up-sampling stages S for a patch of side p = 2^S."""
+def num_stages(patch: Patch) -> int:
+    """Up-sampling stages S for a cubic patch of side p = 2^S."""
+    shape = patch_shape(patch)
+    if len(set(shape)) > 1:
+        raise ValueError(f"UNETR needs the same patch size on every axis (its decoder doubles every axis at "
+                         f"each stage), got {'x'.join(map(str, shape))}")
+    patch = shape[0]
     if patch < 2 or patch & (patch - 1):
         raise ValueError(f"UNETR needs a power-of-two patch size, got {patch}")
     return patch.bit_length() - 1
 
 
-def skip_blocks(depth: int, patch: int) -> tuple[int, ...]:
+def skip_blocks(depth: int, patch: Patch) -> tuple[int, ...]:
     """0-based blocks whose outputs feed the skip connections: k·depth // S for k = 1 .. S-1."""
     stages = num_stages(patch)
     blocks = tuple(k * depth // stages for k in range(1, stages))

@@ -1,9 +1,17 @@
-"""3D Vision Transformer encoder shared by MAE3D, GL-MAE and UNETR.
+"""3D Vision Transformer encoder shared by MAE3D, GL-MAE, UNETR and the image classifier.
 
 - Patch embedding: Conv3d with kernel = stride = patch, computed as a matrix product on the
-  patches that are actually visible (masked tokens are never embedded).
+  patches that are actually visible (masked tokens are never embedded). The patch is one side
+  (`patch_size: 16`, a cube, as every 3D config and checkpoint has it) or one per axis
+  (`patch_size: [16, 16, 1]`). 2D images are depth-1 volumes (N, C, H, W, 1) with patch
+  (p, p, 1): the same encoder, the same checkpoints format, no 2D copy of any module. A patch with
+  equal sides is stored as the int (`[8, 8, 8]` becomes `8`), so one architecture has one spelling
+  and encoder files compare equal whichever way a config wrote it.
 - Position embedding: fixed 3D sin-cos (MONAI's `build_sincos_position_embedding`) for the token
-  grid of each input, so one encoder serves 160³ and 96³ views and any fine-tuning ROI.
+  grid of each input, so one encoder serves 160³ and 96³ views and any fine-tuning ROI. On a
+  depth-1 grid (2D images) the z third of the channels is the same for every token: a constant
+  that the first linear layers absorb, in exchange for one embedding for 2D and 3D. Positions are
+  token indices, so with anisotropic patches a step along each axis is one patch.
 - No cls token. Attention through `scaled_dot_product_attention`.
 - Parameter names follow `monai.networks.nets.ViT` (`patch_embedding.patch_embeddings`,
   `blocks.i.attn.qkv`, `blocks.i.mlp.linear1`, ...), so export to MONAI is a copy plus the
@@ -24,7 +32,8 @@ from monai.networks.layers import DropPath
 from torch import nn
 
 from glmae.config import EncoderConfig, register_encoder
-from glmae.models.patches import gather_tokens, patchify, token_grid
+from glmae.errors import InputError
+from glmae.models.patches import Patch, gather_tokens, patch_shape, patchify, token_grid
 
 
 @register_encoder("vit")
@@ -33,13 +42,25 @@ class ViTConfig(EncoderConfig):
     """3D ViT (METHODS.md, "Shared backbone")."""
 
     arch: str = "vit"
-    patch_size: int = 16
+    patch_size: int | tuple[int, int, int] = 16  # one side (a cube) or (x, y, z), e.g. [16, 16, 1] for 2D
     width: int = 768
     depth: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     drop_path: float = 0.0
+
+    def __post_init__(self):
+        try:
+            shape = patch_shape(self.patch_size)
+        except ValueError as err:
+            raise InputError(f"config: encoder.patch_size: {err}") from None
+        self.patch_size = shape[0] if len(set(shape)) == 1 else shape
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        """The patch per axis (px, py, pz)."""
+        return patch_shape(self.patch_size)
 
 
 @functools.lru_cache(maxsize=64)
@@ -105,15 +126,15 @@ class Block(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    def __init__(self, in_channels: int, width: int, patch: int):
+    def __init__(self, in_channels: int, width: int, patch: Patch):
         super().__init__()
-        self.patch = patch
-        self.patch_embeddings = nn.Conv3d(in_channels, width, kernel_size=patch, stride=patch)
+        self.patch = patch_shape(patch)
+        self.patch_embeddings = nn.Conv3d(in_channels, width, kernel_size=self.patch, stride=self.patch)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, C, X, Y, Z), keep (N, K) token indices or None -> tokens (N, K or L, width)."""
         grid = token_grid(x.shape[2:], self.patch)
-        patches = patchify(x, self.patch)  # (N, L, C·p³)
+        patches = patchify(x, self.patch)  # (N, L, C·px·py·pz)
         weight = self.patch_embeddings.weight
         pos = sincos_embedding(grid, weight.shape[0], str(x.device), weight.dtype)
         if keep is not None:
