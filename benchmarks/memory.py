@@ -120,11 +120,11 @@ def validation_child(size: int, ckpt: str, folder: str) -> None:
     import torch
 
     from glmae.data.preprocess import Volume
-    from glmae.engine.run import load_segmenter
+    from glmae.engine.run import load_finetuned
     from glmae.methods.segmentation import out_channels
     from glmae.methods.validation import evaluate_volumes
 
-    cfg, model = load_segmenter(Path(ckpt))
+    cfg, model = load_finetuned(Path(ckpt))
     volume = Volume("v", np.load(f"{folder}/image.npy", mmap_mode="r"), np.load(f"{folder}/label.npy", mmap_mode="r"),
                     np.eye(4), ((0, size),) * 3, {})
     before = current_rss_mib()  # imports and model; the volume is on disk, mapped, not yet read

@@ -12,6 +12,9 @@ SNAPSHOTS = Path(__file__).parent / "snapshots"
 # Swin-UNETR's method section carried UNETR's `feature_size`, accepted and ignored (its widths come
 # from encoder.feature_size); it is no longer a field of swin_unetr.
 REMOVED = {"swin_unetr": {"method.feature_size"}, "swin_unetr_tiny": {"method.feature_size"}}
+# fields added since, whose defaults change nothing for the configs recorded: radiographs' size
+# (data.image_size), MAE3D's random-resized views and flip axes (method.view_scale, flip_axes)
+ADDED = {"data.image_size": None, "method.view_scale": None, "method.flip_axes": [0, 1, 2]}
 # the demo's and the label-efficiency benchmark's phantom scale, until then built from --set strings
 # on top of the tiny configs, now packaged configs of their own
 PHANTOM = ["glmae_phantom", "mae3d_phantom", "gmim_vit_phantom", "unetr_phantom"]
@@ -39,13 +42,18 @@ def test_packaged_config_resolves_as_before(run_cli, name):
     before = flat(yaml.safe_load((SNAPSHOTS / "configs" / f"{name}.yaml").read_text()))
     removed = REMOVED.get(name, set())
     assert not removed & set(now), f"{name} still has {removed & set(now)}"
-    assert now == {k: v for k, v in before.items() if k not in removed}
+    added = {k: v for k, v in ADDED.items() if k in now and k not in before}
+    assert {k: now[k] for k in added} == added
+    assert {k: v for k, v in now.items() if k not in added} == {k: v for k, v in before.items() if k not in removed}
 
 
 @pytest.mark.parametrize("name", PHANTOM)
 def test_phantom_configs_are_what_the_demo_and_benchmark_ran(name):
     before = flat(yaml.safe_load((SNAPSHOTS / "phantom" / f"{name}.yaml").read_text()))
-    assert resolved(name) == before
+    now = resolved(name)
+    added = {k: v for k, v in ADDED.items() if k in now and k not in before}
+    assert {k: now[k] for k in added} == added
+    assert {k: v for k, v in now.items() if k not in added} == before
 
 
 def test_every_config_is_snapshotted_and_parts_are_not_configs():

@@ -103,6 +103,7 @@ class DataConfig:
     intensity: str = "auto"  # auto (from the data set's modality) | ct | mri | none
     ct_window: tuple[float, float] = (-175.0, 250.0)  # HU clipped to this window, scaled to [0, 1]
     crop_foreground: bool = False  # crop to the body (intensity above the window's lower end)
+    image_size: tuple[int, int] | None = None  # radiographs: resized to [rows, columns]; None keeps them
     cache_dir: str = ""  # preprocessed-volume cache; "" -> $GLMAE_CACHE_DIR or ~/.cache/glmae
     num_workers: int = 2  # DataLoader worker processes per training process
 

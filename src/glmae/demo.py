@@ -72,7 +72,7 @@ def _figures(out: Path, metrics: dict, runs: dict[str, Path], pretrain_run: Path
     from glmae.data.preprocess import Preprocessor
     from glmae.engine.distributed import pick_device
     from glmae.engine.precision import amp_dtype
-    from glmae.engine.run import load_segmenter
+    from glmae.engine.run import load_finetuned
     from glmae.figures import curves_figure, grouped_bar_figure, overlays_figure
     from glmae.methods.segmentation import decode_logits, infer, label_map
 
@@ -104,7 +104,7 @@ def _figures(out: Path, metrics: dict, runs: dict[str, Path], pretrain_run: Path
     maps = {}
     image = None
     for name, run in runs.items():
-        cfg, model = load_segmenter(run / "checkpoints" / "best.pt")
+        cfg, model = load_finetuned(run / "checkpoints" / "best.pt")
         device = pick_device(cfg.train.device)
         volume = Preprocessor(cfg.data, dataset.modalities)(case, with_label=True)
         with torch.inference_mode():

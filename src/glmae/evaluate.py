@@ -1,9 +1,15 @@
-"""`glmae evaluate`: per-case and per-class Dice of a fine-tuned model on a split of a data set.
+"""`glmae evaluate`: per-case and per-class Dice of a fine-tuned model on a split of a data set, or
+for a classifier of radiographs the AUC per finding.
 
 The metrics (see `glmae.methods.validation` for the conventions) go to METRICS.json:
     {"mean_dice": 0.81, "per_class": {"spleen": 0.93, ...}, "n_cases": 6,
      "per_case": [{"case": "case_0003", "dice": {"spleen": 0.95, ...}}, ...]}
-with a CSV (case, class, dice) and a per-class bar chart beside it.
+with a CSV (case, class, dice) and a per-class bar chart beside it. A classifier's
+(`glmae.metrics.classification`):
+    {"mean_auc": 0.86, "per_class": {"Effusion": 0.91, ...}, "undefined": [], "n_cases": 40,
+     "positives": {"Effusion": 8, ...},
+     "per_case": [{"case": "case_0003", "probability": {"Effusion": 0.82, ...}, "truth": {...}}, ...]}
+with a CSV (case, finding, probability, truth) and the AUC per finding as a bar chart.
 """
 
 from __future__ import annotations
@@ -36,6 +42,25 @@ def write_metrics(metrics: dict, path: Path, title: str = "") -> None:
     bar_figure(metrics["per_class"], path.with_suffix(".png"), title=title, ylabel="Dice")
 
 
+def write_classification_metrics(metrics: dict, path: Path, title: str = "") -> None:
+    """METRICS.json, METRICS.csv (case, finding, probability, truth) and METRICS.png (AUC per finding)."""
+    from glmae.figures import bar_figure
+
+    path = Path(path)
+    save_json(metrics, path)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["case", "finding", "probability", "truth"])
+    for row in metrics["per_case"]:
+        for name, value in row["probability"].items():
+            writer.writerow([row["case"], name, f"{value:.6f}", row["truth"][name]])
+    atomic_write(path.with_suffix(".csv"), lambda f: f.write(buf.getvalue().encode()))
+    mean = "undefined" if metrics["mean_auc"] is None else f"{metrics['mean_auc']:.3f}"
+    defined = {k: v for k, v in metrics["per_class"].items() if v is not None}
+    bar_figure(defined, path.with_suffix(".png"), title=f"{title}mean AUC {mean} over {metrics['n_cases']} image(s)",
+               ylabel="AUC")
+
+
 def split_cases(checkpoint: Path, dataset, split: str) -> list:
     """Labelled cases of `split`: from RUN/splits.json when the checkpoint sits in RUN/checkpoints/,
     else the data set's own validation / test lists; `all` is every labelled case."""
@@ -59,7 +84,8 @@ def split_cases(checkpoint: Path, dataset, split: str) -> list:
             )
         cases = [labelled[i] for i in ids]
     else:
-        cases = [c for c in dataset.split({"val": "validation"}.get(split, split)) if c.label is not None]
+        labelled_ids = {c.id for c in dataset.labelled}
+        cases = [c for c in dataset.split({"val": "validation"}.get(split, split)) if c.id in labelled_ids]
     if not cases:
         raise InputError(f"no labelled cases in the {split} split", dataset.root)
     return cases
@@ -69,15 +95,40 @@ def evaluate(checkpoint: Path, data: str, out: Path, split: str = "val") -> dict
     """`glmae evaluate`: metrics of a fine-tuned model on a split of `data`, written to `out`."""
     from glmae.data.formats import load_dataset
     from glmae.engine.distributed import DistEnv, pick_device
-    from glmae.engine.run import load_segmenter, load_volumes
+    from glmae.engine.run import load_finetuned, load_volumes
     from glmae.methods.segmentation import declared_values
     from glmae.methods.validation import evaluate_volumes
 
-    cfg, model = load_segmenter(checkpoint)
+    cfg, model = load_finetuned(checkpoint)
     cases = split_cases(checkpoint, load_dataset(data), split)
     env = DistEnv(0, 1, 0, pick_device(cfg.train.device))
+    if cfg.method.name == "classifier":
+        return _evaluate_classifier(model, cfg, data, cases, env, out, split)
     _, volumes = load_volumes(data, cfg, env, with_label=True, cases=cases, label_values=declared_values(cfg.method))
     metrics = evaluate_volumes(model.net.to(env.device), volumes, cfg, env.device)
     write_metrics(metrics, out, title=f"{split}: ")
     print(f"mean Dice {metrics['mean_dice']:.4f} over {metrics['n_cases']} case(s) -> {out}")
+    return metrics
+
+
+def _evaluate_classifier(model, cfg, data: str, cases: list, env, out: Path, split: str) -> dict:
+    import numpy as np
+
+    from glmae.data.formats import load_dataset
+    from glmae.engine.precision import amp_dtype
+    from glmae.engine.run import load_volumes
+    from glmae.methods.classification import case_targets, evaluate_images
+
+    dataset = load_dataset(data)
+    missing = [f for f in cfg.method.findings if f not in dataset.findings]
+    if dataset.format == "csv" and missing:
+        raise InputError(f"the CSV has no column for the model's finding(s) {', '.join(missing)}", data)
+    _, volumes = load_volumes(data, cfg, env, with_label=False, cases=cases)
+    truth = np.stack([case_targets(c, cfg.method.findings) for c in cases])
+    metrics = evaluate_images(model.net.to(env.device), volumes, truth, cfg.method, env.device,
+                              amp_dtype(cfg.train.amp, env.device))
+    write_classification_metrics(metrics, out, title=f"{split}: ")
+    mean = "undefined" if metrics["mean_auc"] is None else f"{metrics['mean_auc']:.4f}"
+    undefined = f" (no AUC for {', '.join(metrics['undefined'])}: one class only)" if metrics["undefined"] else ""
+    print(f"mean AUC {mean} over {metrics['n_cases']} image(s){undefined} -> {out}")
     return metrics

@@ -43,20 +43,29 @@ def orthogonal_slices(volume: np.ndarray, at: Sequence[int] | None = None) -> li
     return [axial, coronal, sagittal]
 
 
+def planes(volume: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """(name, image) to show of an (X, Y, Z) volume: its three orthogonal slices, or for a depth-1
+    volume (a 2D image, rows x columns) the image itself."""
+    if volume.shape[2] == 1:
+        return [("image", volume[:, :, 0])]
+    return list(zip(("axial", "coronal", "sagittal"), orthogonal_slices(volume)))
+
+
 def recon_figure(rows: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]], path: Path, vmin=0.0, vmax=1.0):
     """One row per view (`(row title, [(column title, (X, Y, Z) volume), ...])`), each volume as
-    three orthogonal slices side by side."""
+    three orthogonal slices side by side (a 2D image as itself)."""
     plt = pyplot()
     cmap = plt.get_cmap("gray").with_extremes(bad="#2b4d7a")  # masked patches (NaN) in blue
+    per = len(planes(rows[0][1][0][1]))
     n_rows = len(rows)
-    n_cols = max(len(cols) for _, cols in rows) * 3
+    n_cols = max(len(cols) for _, cols in rows) * per
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.8 * n_rows), squeeze=False)
     for r, (row_title, cols) in enumerate(rows):
         for c, (col_title, volume) in enumerate(cols):
-            for k, (plane, image) in enumerate(zip(("axial", "coronal", "sagittal"), orthogonal_slices(volume))):
-                ax = axes[r, 3 * c + k]
+            for k, (plane, image) in enumerate(planes(volume)):
+                ax = axes[r, per * c + k]
                 ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-                ax.set_title(f"{col_title}\n{plane}" if k == 1 else plane, fontsize=7)
+                ax.set_title(f"{col_title}\n{plane}" if k == per // 2 else plane, fontsize=7)
         axes[r, 0].set_ylabel(row_title, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])

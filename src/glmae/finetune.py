@@ -1,12 +1,16 @@
-"""`glmae finetune`: a segmentation network (UNETR, Swin-UNETR) with a pretrained or random encoder,
-trained by the shared engine on the labelled cases, validated by sliding-window Dice.
+"""`glmae finetune`: a segmentation network (UNETR, Swin-UNETR) or an image classifier with a
+pretrained or random encoder, trained by the shared engine on the labelled cases, validated by
+sliding-window Dice (segmentation) or by the mean AUC over findings (classification of radiographs,
+`glmae.methods.classification`).
 
 Splits (written to RUN/splits.json as {"train": [ids], "val": [ids], "test": [ids]}, read by
 `glmae evaluate`): the data set's own `validation` and `test` lists when it has them; otherwise a
 seeded 20% of the labelled training cases (at least 1) is held out for validation. The training
 cases are one seeded permutation of the remaining ones, of which `--label-fraction F` takes the
 first max(1, round(F·n)): for a given `--split-seed` the validation cases are the same for every F
-and the subsets are nested (the 25% subset is a prefix of the 50% one).
+and the subsets are nested (the 25% subset is a prefix of the 50% one). Where cases name their
+patient (radiograph CSVs), all of this is done on patients instead of cases, so a patient's images
+are on one side of every split.
 
 `--init` loads the encoder weights of an `encoder.safetensors` (+ its `encoder.json`), of a
 pretraining checkpoint (the encoder that pretraining exports, e.g. GL-MAE's teacher) or of another
@@ -24,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,22 +62,26 @@ def seeded_order(ids: list[str], seed: int) -> list[str]:
 def make_splits(dataset, label_fraction: float, seed: int) -> dict[str, list[str]]:
     """{"train", "val", "test"} case ids of the labelled cases (see the module docstring)."""
     labelled = dataset.labelled
-    pool = seeded_order([c.id for c in labelled if c.split == "training"], seed)
+    groups: dict[str, list[str]] = {}  # patient (or the case itself) -> its training cases
+    for c in labelled:
+        if c.split == "training":
+            groups.setdefault(c.patient or c.id, []).append(c.id)
+    pool = seeded_order(list(groups), seed)
     val = sorted(c.id for c in labelled if c.split == "validation")
     test = sorted(c.id for c in labelled if c.split == "test")
     if not val:
         if len(pool) < 2:
             raise InputError(
-                f"fine-tuning needs a `validation` list or at least 2 labelled training cases "
-                f"(found {len(pool)})",
+                f"fine-tuning needs a `validation` list or at least 2 labelled training "
+                f"{'patients' if len(groups) < sum(map(len, groups.values())) else 'cases'} (found {len(pool)})",
                 dataset.root,
             )
         n_val = max(1, round(VAL_FRACTION * len(pool)))
-        val, pool = sorted(pool[:n_val]), pool[n_val:]
+        val, pool = sorted(i for g in pool[:n_val] for i in groups[g]), pool[n_val:]
     if not pool:
         raise InputError("no labelled training cases", dataset.root)
     n_train = min(len(pool), max(1, int(label_fraction * len(pool) + 0.5)))
-    return {"train": pool[:n_train], "val": val, "test": test}
+    return {"train": [i for g in pool[:n_train] for i in sorted(groups[g])], "val": val, "test": test}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,46 +130,60 @@ def load_init(encoder: torch.nn.Module, init: str, cfg: Config) -> str:
 def resolve(cfg: Config, dataset, init: str | None, mode: str | None, label_fraction: float | None,
             split_seed: int | None) -> Config:
     """The config with the command-line options (those given, i.e. not None: the others keep the
-    config's values), label names/values and intensity mode filled in."""
-    from glmae.data.preprocess import intensity_mode
-    from glmae.methods.segmentation import MODES, check_network
+    config's values), label names/values (or findings) and intensity mode filled in."""
+    from glmae.methods.finetuning import MODES
 
     given = dict(init=init, mode=mode, label_fraction=label_fraction, split_seed=split_seed)
     method = dataclasses.replace(cfg.method, **{k: v for k, v in given.items() if v is not None})
     init = method.init
     if method.mode not in MODES:
         raise InputError(f"--mode (method.mode): expected {' or '.join(MODES)}, got {method.mode!r}")
+    # an absolute path: a run resumes whichever way the same --init file is spelled
+    init = init if init == "none" else str(Path(init).resolve())
+    method = dataclasses.replace(method, init=init, label_fraction=float(method.label_fraction),
+                                 split_seed=int(method.split_seed))
+    if method.name == "classifier":
+        from glmae.methods.classification import resolve_findings
+
+        return dataclasses.replace(cfg, method=resolve_findings(method, cfg.encoder, dataset))
+    return _resolve_labels(dataclasses.replace(cfg, method=method), dataset)
+
+
+def _resolve_labels(cfg: Config, dataset) -> Config:
+    """Segmentation: label names and values (or regions) from the data set, the network checked."""
+    from glmae.data.preprocess import intensity_mode
+    from glmae.methods.segmentation import check_network
+
+    method = cfg.method
+    if dataset.dims != 3:
+        raise InputError(f"{method.name} segments volumes; this data set holds 2D radiographs (fine-tune the "
+                         "classifier on them)", dataset.root)
     regions = {name: list(values) for name, values in (method.regions or dataset.regions).items()}
     labels = dict(method.labels or dataset.labels)
     if not labels and not regions:
         raise InputError("the data set declares no `labels`; set them with --set method.labels=...", dataset.root)
     labels.setdefault(0, "background")
     check_network(method, cfg.encoder)
-    # an absolute path: a run resumes whichever way the same --init file is spelled
-    init = init if init == "none" else str(Path(init).resolve())
-    method = dataclasses.replace(
-        method, labels=dict(sorted(labels.items())), regions=regions, init=init,
-        label_fraction=float(method.label_fraction), split_seed=int(method.split_seed),
-    )
+    method = dataclasses.replace(method, labels=dict(sorted(labels.items())), regions=regions)
     data = dataclasses.replace(cfg.data, intensity=intensity_mode(cfg.data, dataset.modalities))
     return dataclasses.replace(cfg, method=method, data=data)
 
 
 class Validation:
-    """The engine's `evaluate(model, step)`: Dice on the validation volumes, computed by rank 0 and
-    broadcast. Keeps each step's full metrics for RUN/metrics.json."""
+    """The engine's `evaluate(model, step)`: `score(net)` (Dice on the validation volumes, or AUC on
+    the validation radiographs) computed by rank 0 and broadcast. Keeps each step's full metrics
+    for RUN/metrics.json; logs `metric` and `prefix/<class>` for each class that has a value."""
 
-    def __init__(self, volumes: list, cfg: Config, env):
-        self.volumes, self.cfg, self.env = volumes, cfg, env
+    def __init__(self, score, metric: str, prefix: str, env):
+        self.score, self.metric, self.prefix, self.env = score, metric, prefix, env
         self.results: dict[int, dict] = {}
 
     def __call__(self, model, step: int) -> dict:
-        from glmae.methods.validation import evaluate_volumes
-
-        metrics = evaluate_volumes(model.net, self.volumes, self.cfg, self.env.device) if self.env.is_main else None
+        metrics = self.score(model.net) if self.env.is_main else None
         metrics = distributed.broadcast_object(metrics, self.env)
         self.results[step] = metrics
-        return {"mean_dice": metrics["mean_dice"], **{f"dice/{k}": v for k, v in metrics["per_class"].items()}}
+        per_class = {f"{self.prefix}/{k}": v for k, v in metrics["per_class"].items() if v is not None}
+        return {self.metric: metrics[self.metric], **per_class}
 
 
 def _check_splits(out: Path, splits: dict) -> None:
@@ -168,15 +192,16 @@ def _check_splits(out: Path, splits: dict) -> None:
         raise InputError("--resume: the data set's cases changed since the run started (splits differ)", path)
 
 
-def _validation_figure(out: Path) -> None:
+def _validation_figure(out: Path, metric: str, prefix: str, name: str) -> None:
     from glmae.engine.logger import read_log
     from glmae.figures import curves_figure
 
-    records = [r for r in read_log(out / "log.jsonl") if "mean_dice" in r]
-    series = {"mean": ([r["step"] for r in records], [r["mean_dice"] for r in records])}
-    for key in sorted(k for k in records[-1] if k.startswith("dice/")):
-        series[key[5:]] = ([r["step"] for r in records], [r[key] for r in records])
-    curves_figure(series, out / "figures" / "validation_dice.png", title="validation Dice", ylabel="Dice")
+    records = [r for r in read_log(out / "log.jsonl") if metric in r]
+    series = {"mean": ([r["step"] for r in records], [r[metric] for r in records])}
+    for key in sorted(k for k in records[-1] if k.startswith(f"{prefix}/")):
+        rows = [r for r in records if key in r]
+        series[key[len(prefix) + 1:]] = ([r["step"] for r in rows], [r[key] for r in rows])
+    curves_figure(series, out / "figures" / f"validation_{prefix}.png", title=f"validation {name}", ylabel=name)
 
 
 def finetune(
@@ -192,13 +217,11 @@ def finetune(
     """Run fine-tuning; returns the validation metrics of the best checkpoint (RUN/metrics.json).
     `init`, `mode`, `label_fraction` and `split_seed` override `cfg.method`'s fields when given."""
     from glmae.data.formats import load_dataset
-    from glmae.methods import SEGMENTATION
-    from glmae.methods.segmentation import TrainItem, declared_values, foreground_points
-    from glmae.methods.validation import evaluate_volumes
+    from glmae.methods import FINETUNING
 
-    if cfg.task != "finetune" or cfg.method.name not in SEGMENTATION:
+    if cfg.task != "finetune" or cfg.method.name not in FINETUNING:
         raise InputError(
-            f"config: {cfg.method.name!r} is not a fine-tuning method (use one of {', '.join(SEGMENTATION)})"
+            f"config: {cfg.method.name!r} is not a fine-tuning method (use one of {', '.join(FINETUNING)})"
         )
     init = cfg.method.init if init is None else init
     if init != "none" and not Path(init).is_file():
@@ -216,23 +239,21 @@ def finetune(
         # every input is checked before the run folder is written: --init, then every case (the
         # preprocessing draws no random numbers, so the model may be built first)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = SEGMENTATION[cfg.method.name](cfg.encoder, cfg.method)
+        model = FINETUNING[cfg.method.name](cfg.encoder, cfg.method)
         report = load_init(model.net.encoder, init, cfg) if init != "none" and not resume else None
         by_id = {c.id: c for c in dataset.cases}
         cases = {name: [by_id[i] for i in splits[name]] for name in ("train", "val")}
-        declared = declared_values(cfg.method)
-        _, train = load_volumes(data, cfg, env, with_label=True, cases=cases["train"], label_values=declared)
-        _, val = load_volumes(data, cfg, env, with_label=True, cases=cases["val"], label_values=declared)
+        task = (_classification if cfg.method.name == "classifier" else _segmentation)(data, cfg, env, cases)
         create_run_dir(out, cfg, env)
         if env.is_main:
             save_json(splits, out / "splits.json")
             if report:
                 print(report, file=sys.stderr, flush=True)
-        samples = SampleDataset([TrainItem(v, foreground_points(v.label)) for v in train], model.sampler())
-        validation = Validation(val, cfg, env)
+        samples = SampleDataset(task.items, model.sampler())
+        validation = Validation(task.score, task.metric, task.prefix, env)
         model = fit(
             model, cfg, samples, out, env, name="finetune", resume=resume, groups=model.param_groups(cfg.optim),
-            evaluate=validation, evaluate_every=cfg.train.val_every, best_metric="mean_dice",
+            evaluate=validation, evaluate_every=cfg.train.val_every, best_metric=task.metric,
         )
 
         metrics = None
@@ -241,11 +262,51 @@ def finetune(
             metrics = validation.results.get(best["step"])
             if metrics is None:  # the best step was validated before a resume
                 model.load_state_dict(best["model"])
-                metrics = evaluate_volumes(model.eval().net, val, cfg, env.device)
+                metrics = task.score(model.eval().net)
             metrics = {**metrics, "split": "val", "step": best["step"]}
             save_json(metrics, out / "metrics.json")
-            _validation_figure(out)
+            _validation_figure(out, task.metric, task.prefix, task.name)
         distributed.barrier(env)
         return distributed.broadcast_object(metrics, env)
     finally:
         distributed.cleanup()
+
+
+class Task(NamedTuple):
+    """What fine-tuning trains on and how it validates, per kind of method."""
+
+    items: list  # training items for the method's sampler
+    score: Callable  # net -> validation metrics
+    metric: str  # the metric that picks best.pt
+    prefix: str  # per-class log keys: prefix/<class>
+    name: str
+
+
+def _segmentation(data: str, cfg: Config, env, cases: dict) -> Task:
+    """Label maps read with the volumes; foreground voxels listed for label-balanced crops."""
+    from glmae.methods.segmentation import TrainItem, declared_values, foreground_points
+    from glmae.methods.validation import evaluate_volumes
+
+    declared = declared_values(cfg.method)
+    _, train = load_volumes(data, cfg, env, with_label=True, cases=cases["train"], label_values=declared)
+    _, val = load_volumes(data, cfg, env, with_label=True, cases=cases["val"], label_values=declared)
+    items = [TrainItem(v, foreground_points(v.label)) for v in train]
+    return Task(items, lambda net: evaluate_volumes(net, val, cfg, env.device), "mean_dice", "dice", "Dice")
+
+
+def _classification(data: str, cfg: Config, env, cases: dict) -> Task:
+    """Radiographs with their findings' targets; the validation images must make some AUC defined."""
+    from glmae.engine.precision import amp_dtype
+    from glmae.methods.classification import TrainItem, case_targets, evaluate_images
+
+    findings = cfg.method.findings
+    _, train = load_volumes(data, cfg, env, with_label=False, cases=cases["train"])
+    _, val = load_volumes(data, cfg, env, with_label=False, cases=cases["val"])
+    truth = np.stack([case_targets(c, findings) for c in cases["val"]])
+    if not any(0 < truth[:, k].sum() < len(truth) for k in range(len(findings))):
+        raise InputError(f"the {len(truth)} validation images have no finding that is both present and absent "
+                         "among them, so no AUC can pick a checkpoint; use more validation images", data)
+    items = [TrainItem(v, case_targets(c, findings)) for v, c in zip(train, cases["train"])]
+    dtype = amp_dtype(cfg.train.amp, env.device)
+    return Task(items, lambda net: evaluate_images(net, val, truth, cfg.method, env.device, dtype), "mean_auc",
+                "auc", "AUC")

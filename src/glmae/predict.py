@@ -15,7 +15,13 @@ one. Then cases are segmented one at a time from the cache and nothing is kept b
 memory does not grow over a folder.
 
 Inputs: a NIfTI file, a folder or glob of them, or a data set (dataset.json, nnU-Net folder,
-datalist; every case of it). In a folder of files named `<case>_0000.nii.gz`, `<case>_0001...`
+datalist; every case of it).
+
+A classifier of radiographs (`glmae.methods.classification`) writes instead one CSV of
+probabilities, a row per image (`image`, the image's path, then one column per finding), to
+`OUT/predictions.csv`, or to OUT itself when it ends in `.csv`. Its inputs are radiographs (PNG,
+JPEG, DICOM): a file, a folder or glob of them, or a CSV data set; every one is read and checked
+before the CSV is written, atomically. In a folder of files named `<case>_0000.nii.gz`, `<case>_0001...`
 (nnU-Net's channel convention) the files of a case are its channels, in that order.
 """
 
@@ -89,14 +95,16 @@ def predict(checkpoint: Path, input: str, out: Path, overlay: bool = False) -> l
     from glmae.data.preprocess import Preprocessor, warn_smaller_than_roi
     from glmae.engine.distributed import pick_device
     from glmae.engine.precision import amp_dtype
-    from glmae.engine.run import load_segmenter
+    from glmae.engine.run import load_finetuned
     from glmae.figures import overlay_figure
     from glmae.methods.segmentation import decode_logits, infer, label_map
 
-    cfg, model = load_segmenter(checkpoint)
+    cfg, model = load_finetuned(checkpoint)
     device = pick_device(cfg.train.device)
     net = model.net.to(device)
     dtype = amp_dtype(cfg.train.amp, device)
+    if cfg.method.name == "classifier":
+        return [_predict_findings(net, cfg, input, Path(out), device, dtype)]
     n_channels = cfg.encoder.in_channels
     pre = Preprocessor(cfg.data, ("unknown",) * n_channels)  # the intensity mode is in cfg.data
     out = Path(out)
@@ -117,3 +125,28 @@ def predict(checkpoint: Path, input: str, out: Path, overlay: bool = False) -> l
         print(f"{case.id}: {path}")
         written.append(path)
     return written
+
+
+def _predict_findings(net, cfg, source: str, out: Path, device, dtype) -> Path:
+    """Probabilities of every radiograph of `source` as one CSV; returns its path."""
+    import csv
+    import io
+
+    from glmae.data.formats import load_dataset
+    from glmae.data.preprocess import RadiographPreprocessor
+    from glmae.methods.classification import probabilities
+
+    dataset = load_dataset(source)
+    if dataset.dims != 2:
+        raise InputError("the classifier reads radiographs (PNG, JPEG, DICOM); this input holds volumes", source)
+    volumes = RadiographPreprocessor(cfg.data).prepare(dataset.cases)  # every input checked first
+    probs = probabilities(net, volumes, cfg.method, device, dtype)
+    path = out if out.suffix.lower() == ".csv" else out / "predictions.csv"
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", *cfg.method.findings])
+    for case, row in zip(dataset.cases, probs):
+        writer.writerow([str(case.images[0]), *(f"{p:.6f}" for p in row)])
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+    print(f"probabilities of {len(volumes)} image(s) for {len(cfg.method.findings)} finding(s) -> {path}")
+    return path

@@ -12,9 +12,14 @@
   ``{"image": ..., "label": ...}`` ("image" may list one file per channel), optional ``labels`` and
   ``modality``.
 - ``images``: a folder (searched recursively), a glob pattern (``data/**/*.nii.gz``) or one image
-  file; unlabelled, for pretraining and prediction.
+  file; unlabelled, for pretraining and prediction. NIfTI volumes, or 2D radiographs (PNG, JPEG,
+  DICOM), never both in one data set.
+- ``chestxray14`` / ``csv``: radiographs with findings listed in a CSV (a ChestX-ray14-style
+  ``Image Index`` / ``Finding Labels`` table or a path column plus 0/1 finding columns, optional
+  patient and split columns; see `glmae.data.radiographs`).
 
-Only NIfTI (``.nii``, ``.nii.gz``) is read. Paths in a JSON are relative to the JSON's folder (the
+Volumes are NIfTI (``.nii``, ``.nii.gz``); 2D data sets (``DataSet.dims == 2``) are radiographs.
+Paths in a JSON are relative to the JSON's folder (the
 data set root) and must stay inside it: ``../`` or absolute paths elsewhere are refused, because
 datalists are passed between people and every listed path gets opened. The check is on the written
 path, so symbolic links inside the root (say, to another disk) work as usual. A folder that cannot
@@ -31,6 +36,7 @@ opens an image: missing and broken files are found by `glmae.data.validate`.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -38,6 +44,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glmae.data.radiographs import is_radiograph
 from glmae.errors import InputError
 
 SPLITS = ("training", "validation", "test")
@@ -52,6 +59,8 @@ class Case:
     images: tuple[Path, ...]  # absolute paths, one file per channel (or one 4D file)
     label: Path | None  # absolute path, or None if unlabelled
     split: str = "training"  # where the data set put it: training | validation | test
+    findings: frozenset[str] | None = None  # radiographs: the positive findings; None if unlabelled
+    patient: str | None = None  # splits keep a patient's cases together
 
 
 @dataclass
@@ -61,8 +70,10 @@ class DataSet:
     modalities: tuple[str, ...]  # per channel; ("unknown",) if not declared
     labels: dict[int, str]  # {0: "background", 1: "spleen", ...}; {} if not declared
     cases: list[Case]
-    format: str = "images"  # msd | nnunet | datalist | images
+    format: str = "images"  # msd | nnunet | datalist | images | chestxray14 | csv
     regions: dict[str, tuple[int, ...]] = field(default_factory=dict)  # nnU-Net region-based labels
+    findings: tuple[str, ...] = ()  # radiographs: the findings the data set names
+    dims: int = 3  # 3: volumes; 2: radiographs, read as (1, H, W, 1) depth-1 volumes
 
     def split(self, name: str) -> list[Case]:
         """Cases of a split: training, validation (or val), test."""
@@ -73,7 +84,7 @@ class DataSet:
 
     @property
     def labelled(self) -> list[Case]:
-        return [c for c in self.cases if c.label is not None]
+        return [c for c in self.cases if c.label is not None or c.findings is not None]
 
     @property
     def label_values(self) -> set[int]:
@@ -115,11 +126,14 @@ def _scan(source: str | Path) -> tuple[DataSet, list[InputError]]:
         return _images(path, _files_under(path), text)
     if path.is_file() and path.suffix == ".json":
         return _from_json(path)
-    if path.is_file() and is_nifti(path):
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return _from_csv(path)
+    if path.is_file() and (is_nifti(path) or is_radiograph(path)):
         return _images(path.parent, [str(path)], text)
     if path.is_file():
         raise InputError(
-            "not a data set: expected a folder, dataset.json, datalist JSON, NIfTI image or glob", path
+            "not a data set: expected a folder, dataset.json, datalist JSON, CSV of radiographs, NIfTI image, "
+            "radiograph or glob", path
         )
     raise InputError("no such file or folder", path)
 
@@ -167,16 +181,37 @@ def _files_under(root: Path) -> list[str]:
 
 def _images(root: Path, files: list[str], source: str) -> tuple[DataSet, list[InputError]]:
     root = _absolute(root)
-    paths = []
+    volumes, radiographs = [], []
     for f in files:
         path = _absolute(Path(f))
         hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
-        if is_nifti(path) and path.is_file() and not hidden:  # skips macOS '._x.nii.gz' and .git
-            paths.append(path)
-    if not paths:
-        raise InputError("no NIfTI images (*.nii, *.nii.gz) found", source)
-    cases, problems = _with_ids([((p,), None, "training") for p in paths], root)
+        if hidden or not path.is_file():  # skips macOS '._x.nii.gz' and .git
+            continue
+        if is_nifti(path):
+            volumes.append(path)
+        elif is_radiograph(path):
+            radiographs.append(path)
+    if volumes and radiographs:
+        raise InputError(f"holds both NIfTI volumes ({len(volumes)}) and 2D radiographs ({len(radiographs)}); "
+                         "pass a folder or glob of one kind", source)
+    if not volumes and not radiographs:
+        raise InputError("no NIfTI images (*.nii, *.nii.gz) or radiographs (*.png, *.jpg, *.dcm) found", source)
+    cases, problems = _with_ids([((p,), None, "training") for p in volumes or radiographs], root)
+    if radiographs:
+        return DataSet(root, root.name, ("XR",), {}, cases, format="images", dims=2), problems
     return DataSet(root, root.name, ("unknown",), {}, cases, format="images"), problems
+
+
+def _from_csv(path: Path) -> tuple[DataSet, list[InputError]]:
+    """Radiographs with findings (`glmae.data.radiographs.scan_csv`)."""
+    from glmae.data.radiographs import scan_csv
+
+    fmt, findings, rows, problems = scan_csv(path)
+    path = _absolute(path)
+    cases, duplicates = _with_ids([((r.image,), None, r.split) for r in rows], path.parent)
+    cases = [dataclasses.replace(c, findings=r.findings, patient=r.patient) for c, r in zip(cases, rows)]
+    dataset = DataSet(path.parent, path.stem, ("XR",), {}, cases, fmt, findings=findings, dims=2)
+    return dataset, problems + duplicates
 
 
 def _absolute(path: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Volumes ready for training: MONAI transforms, validated inputs, an on-disk cache.
+"""Volumes ready for training: MONAI transforms, validated inputs, an on-disk cache. Radiographs
+(2D) go through `RadiographPreprocessor` into the same cache as (1, H, W, 1) volumes.
 
 Per case: LoadImage (nibabel) -> channel first -> Orientation RAS -> Spacing to `cfg.spacing`
 (bilinear for images, nearest for labels; None keeps the native grid) -> intensity -> crop to
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from glmae.config import DataConfig
+from glmae.data import radiographs
 from glmae.data.formats import Case
 from glmae.data.validate import (
     READ_ERRORS,
@@ -289,6 +291,60 @@ def _distinct(array: np.ndarray) -> np.ndarray:
     if array.size and array.min() >= 0 and array.max() < 2**16 and np.array_equal(np.rint(array), array):
         return label_values(array.astype(np.uint16))
     return np.unique(array)
+
+
+# ----------------------------------------------------------------------------------------------
+# Radiographs
+
+
+class RadiographPreprocessor:
+    """Radiograph case -> Volume (1, H, W, 1) through the cache, with the interface of `Preprocessor`
+    (`__call__`, `prepare`): read and checked (`glmae.data.radiographs.read_radiograph`), normalised
+    to [0, 1], resized to `data.image_size`; cached as `<key>.image.npy` and `<key>.json`, keyed by
+    the file and these settings."""
+
+    def __init__(self, cfg):
+        if cfg.image_size is not None and min(cfg.image_size) < 1:
+            raise InputError(f"config: data.image_size: expected [rows, columns] > 0, got {list(cfg.image_size)}")
+        self.size = None if cfg.image_size is None else tuple(cfg.image_size)
+        self.cache = cache_root(cfg) / f"v{FORMAT_VERSION}"
+        self.settings = {"kind": "radiograph", "image_size": None if self.size is None else list(self.size),
+                         "percentiles": list(radiographs.PERCENTILES)}
+
+    def _paths(self, case) -> tuple[Path, Path]:
+        key = _key(self.settings, case.images)
+        return self.cache / f"{key}.json", self.cache / f"{key}.image.npy"
+
+    def __call__(self, case, with_label: bool = False):
+        if len(case.images) != 1:
+            raise InputError(f"case {case.id!r} has {len(case.images)} files; a radiograph is one", case.images[0])
+        meta_path, image_path = self._paths(case)
+        if not (meta_path.is_file() and image_path.is_file()):
+            raw = radiographs.read_radiograph(case.images[0])
+            image = radiographs.resize(radiographs.normalise(raw, case.images[0]), self.size)[None, :, :, None]
+            _make_dir(self.cache)
+            _save(image_path, np.ascontiguousarray(image, dtype=np.float32))
+            shape = list(image.shape[1:])
+            _save(meta_path, {"source": {"files": [{"path": str(case.images[0]), "shape": list(raw.shape)}]},
+                              "foreground_box": [[0, n] for n in shape], "settings": self.settings})
+        meta = json.loads(meta_path.read_text())
+        return Volume(case_id=case.id, image=np.load(image_path, mmap_mode="r"), label=None, affine=np.eye(4),
+                      foreground_box=tuple((int(a), int(b)) for a, b in meta["foreground_box"]),
+                      source=meta["source"])
+
+    def prepare(self, cases: list, with_label: bool = False, progress: bool = True) -> list:
+        """Every case read and checked (InputError for the first bad file, with the number of others)
+        before a Volume is returned."""
+        volumes, problems = [], []
+        for case in cases:
+            try:
+                volumes.append(self(case))
+            except InputError as err:
+                problems.append(err)
+        if problems:
+            more = f" (and {len(problems) - 1} more; `glmae info` lists them)" if len(problems) > 1 else ""
+            raise InputError(f"{problems[0]}{more}")
+        return volumes
 
 
 def warn_smaller_than_roi(volumes: list[Volume], roi: tuple[int, ...]) -> None:

@@ -64,9 +64,10 @@ def resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)[0].numpy()
 
 
-def flip_axes(rng: np.random.Generator, p: float = 0.5) -> tuple[int, ...]:
-    """Spatial axes (0, 1, 2) to flip, each with probability p."""
-    return tuple(int(a) for a in np.flatnonzero(rng.random(3) < p))
+def flip_axes(rng: np.random.Generator, p: float = 0.5, allowed: Sequence[int] = (0, 1, 2)) -> tuple[int, ...]:
+    """Spatial axes to flip, each of `allowed` with probability p (three numbers are drawn whichever
+    axes are allowed, so the random stream does not depend on them)."""
+    return tuple(int(a) for a in np.flatnonzero(rng.random(3) < p) if a in allowed)
 
 
 def flip(x: np.ndarray, axes: Sequence[int]) -> np.ndarray:

@@ -6,7 +6,7 @@
 - `encoder_meta` / `read_encoder`: the `encoder.json` written beside `encoder.safetensors`, and the
   encoder weights of any file a user may pass (an encoder.safetensors, a pre-training or a
   fine-tuning checkpoint).
-- `model_from_checkpoint` / `load_segmenter`: a checkpoint's config rebuilds its method.
+- `model_from_checkpoint` / `load_finetuned`: a checkpoint's config rebuilds its method.
 - `run_stage`: a training stage that is skipped once finished and resumed when interrupted (the
   demo and the benchmarks chain several).
 """
@@ -83,11 +83,12 @@ def run_stage(kind: str, run: Path, fn, *args, **kwargs) -> None:
 
 def load_volumes(data: str, cfg: Config, env: DistEnv, with_label: bool, cases=None, label_values=None):
     """Check, preprocess (once, into the cache) and memory-map the volumes of `cases` (default: the
-    data set's training split); label values outside `label_values` (if given) are an error. The
+    data set's training split; radiographs as (1, H, W, 1) volumes); label values outside
+    `label_values` (if given) are an error. The
     main process fills the cache first; the others then read it. A warning line for each volume
     smaller than the method's ROI (it gets padded)."""
     from glmae.data.formats import load_dataset
-    from glmae.data.preprocess import Preprocessor, warn_smaller_than_roi
+    from glmae.data.preprocess import Preprocessor, RadiographPreprocessor, warn_smaller_than_roi
 
     dataset = load_dataset(data)
     if cases is None:
@@ -98,7 +99,10 @@ def load_volumes(data: str, cfg: Config, env: DistEnv, with_label: bool, cases=N
             f"encoder expects encoder.in_channels={cfg.encoder.in_channels}",
             data,
         )
-    pre = Preprocessor(cfg.data, dataset.modalities, label_values)
+    if dataset.dims == 2:  # radiographs: (1, H, W, 1) depth-1 volumes; their findings stay on the cases
+        pre = RadiographPreprocessor(cfg.data)
+    else:
+        pre = Preprocessor(cfg.data, dataset.modalities, label_values)
     if env.is_main:
         volumes = pre.prepare(cases, with_label=with_label)
     distributed.barrier(env)
@@ -122,13 +126,13 @@ def encoder_meta(cfg: Config, step: int) -> dict:
 def model_from_checkpoint(state: dict, path: Path):
     """(config, model with the checkpoint's weights, the encoder it exports) of a pretraining
     checkpoint (its `export_encoder`, e.g. GL-MAE's teacher) or a fine-tuning one (`net.encoder`)."""
-    from glmae.methods import PRETRAINING, SEGMENTATION
+    from glmae.methods import FINETUNING, PRETRAINING
 
     cfg = cfglib.build(Config, state["config"])
     if cfg.method.name in PRETRAINING:
         model = PRETRAINING[cfg.method.name](cfg.encoder, cfg.method)
-    elif cfg.method.name in SEGMENTATION:
-        model = SEGMENTATION[cfg.method.name](cfg.encoder, cfg.method)
+    elif cfg.method.name in FINETUNING:
+        model = FINETUNING[cfg.method.name](cfg.encoder, cfg.method)
     else:
         raise InputError(f"checkpoint of unknown method {cfg.method.name!r}", path)
     model.load_state_dict(state["model"])
@@ -136,8 +140,9 @@ def model_from_checkpoint(state: dict, path: Path):
     return cfg, model, encoder
 
 
-def load_segmenter(path: Path):
-    """(config, Segmenter in eval mode) from a fine-tuning checkpoint (last.pt / best.pt)."""
+def load_finetuned(path: Path):
+    """(config, fine-tuned model in eval mode: a Segmenter or a Classifier) from a fine-tuning
+    checkpoint (last.pt / best.pt)."""
     cfg, model, _ = model_from_checkpoint(checkpoint.load(path), path)
     if cfg.task != "finetune":
         raise InputError(f"not a fine-tuning checkpoint (method {cfg.method.name!r})", path)

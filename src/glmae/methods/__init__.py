@@ -6,6 +6,7 @@ optional `after_step(step, total)` and `figure(batch, path)`, and an `export_enc
 become `encoder.safetensors`.
 """
 
+from glmae.methods.classification import Classifier, ClassifierConfig
 from glmae.methods.glmae import GLMAE, GLMAEConfig
 from glmae.methods.gmim import GMIM, GMIMConfig
 from glmae.methods.mae3d import MAE3D, MAE3DConfig
@@ -14,5 +15,8 @@ from glmae.methods.segmentation import Segmenter
 PRETRAINING = {"mae3d": MAE3D, "glmae": GLMAE, "gmim": GMIM}
 # Fine-tuning: method name -> training module (its network is chosen by segmentation.NETWORKS)
 SEGMENTATION = {"unetr": Segmenter, "swin_unetr": Segmenter}
+CLASSIFICATION = {"classifier": Classifier}  # multi-label findings of radiographs
+FINETUNING = {**SEGMENTATION, **CLASSIFICATION}
 
-__all__ = ["PRETRAINING", "GLMAE", "GLMAEConfig", "GMIM", "GMIMConfig", "MAE3D", "MAE3DConfig"]
+__all__ = ["CLASSIFICATION", "FINETUNING", "PRETRAINING", "SEGMENTATION", "Classifier", "ClassifierConfig", "GLMAE",
+           "GLMAEConfig", "GMIM", "GMIMConfig", "MAE3D", "MAE3DConfig"]

@@ -1,8 +1,13 @@
-"""MAE3D (SelfMedMAE, seed 003): masked autoencoding of random 3D crops.
+"""MAE3D (SelfMedMAE, seed 003): masked autoencoding of random 3D crops, and of 2D images.
 
 Per sample: a random crop of `roi` whose centre lies in the body's bounding box (found from
 intensities at preprocessing time; labels are never read), random flips, and a per-sample random
-mask keeping round((1 - r) L) of L tokens. The encoder sees the visible tokens only; the decoder
+mask keeping round((1 - r) L) of L tokens. With `view_scale` the crop is instead a random-resized
+view: a box whose side is a fraction s ~ U(view_scale) of the image's on every axis, at a random
+position, resized to `roi` (GL-MAE's view sampling; SelfMedMAE's RandomResizedCrop on chest
+X-rays, whose area range (0.08, 1) is a side range of (0.28, 1), at a fixed aspect ratio). 2D
+images are depth-1 volumes with `roi` (H, W, 1) and patch (p, p, 1), so `mae2d_*` configs are this
+method; `flip_axes: [1]` keeps their flips horizontal. The encoder sees the visible tokens only; the decoder
 predicts the masked patches; the loss is the MSE on masked patches with per-patch normalised
 targets (`norm_pix`).
 """
@@ -40,12 +45,19 @@ class MAEConfig(MethodConfig):
 class MAE3DConfig(MAEConfig):
     name: str = "mae3d"
     roi: tuple[int, int, int] = (96, 96, 96)  # crop size in voxels
+    view_scale: tuple[float, float] | None = None  # random-resized views of this side fraction; None: crops
+    flip_axes: tuple[int, ...] = (0, 1, 2)  # spatial axes that may be flipped (2D radiographs: [1])
 
 
-def sample_crop(volume, rng: np.random.Generator, *, cfg: MAE3DConfig, patch: int) -> dict:
+def sample_crop(volume, rng: np.random.Generator, *, cfg: MAE3DConfig, patch) -> dict:
     """One training sample: {"image": (C, *roi) float32, "keep": (K,), "masked": (L-K,) int64}."""
-    box = sampling.crop_box(volume.image.shape[1:], cfg.roi, rng, volume.foreground_box)
-    image = sampling.flip(sampling.crop(volume.image, box), sampling.flip_axes(rng, cfg.flip_prob))
+    if cfg.view_scale is None:
+        box = sampling.crop_box(volume.image.shape[1:], cfg.roi, rng, volume.foreground_box)
+        image = sampling.crop(volume.image, box)
+    else:
+        box = sampling.view_box(volume.image.shape[1:], cfg.view_scale, rng)
+        image = sampling.resize(sampling.crop(volume.image, box), cfg.roi)
+    image = sampling.flip(image, sampling.flip_axes(rng, cfg.flip_prob, cfg.flip_axes))
     keep, masked = random_masking(math.prod(token_grid(cfg.roi, patch)), cfg.mask_ratio, rng)
     return {"image": image, "keep": keep, "masked": masked}
 

@@ -37,21 +37,19 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
-from glmae.config import MethodConfig, OptimConfig, register_method
+from glmae.config import register_method
 from glmae.data import sampling
-from glmae.engine.optim import param_groups
 from glmae.engine.precision import autocast
 from glmae.errors import InputError
+from glmae.methods.finetuning import FinetuneConfig, FineTuner
 from glmae.models.patches import token_grid
 from glmae.models.swin import SwinConfig, SwinUNETR
 from glmae.models.unetr import UNETR, num_stages
 from glmae.models.vit import ViTConfig
 
-MODES = ("linear", "e2e")
-
 
 @dataclass
-class SegmentationConfig(MethodConfig):
+class SegmentationConfig(FinetuneConfig):
     """What every segmentation network's fine-tuning shares (UNETR, Swin-UNETR)."""
 
     roi: tuple[int, int, int] = (96, 96, 96)  # training crop and sliding-window size, voxels
@@ -64,11 +62,6 @@ class SegmentationConfig(MethodConfig):
     jitter_prob: float = 0.1  # for the scale and for the shift, independently
     sw_batch_size: int = 4  # windows per forward pass in sliding-window inference
     sw_overlap: float = 0.5
-    # `glmae finetune`'s options, which override them when given, so that the run describes itself:
-    mode: str = "e2e"  # --mode: linear (encoder frozen) | e2e
-    init: str = "none"  # --init
-    label_fraction: float = 1.0  # --label-fraction
-    split_seed: int = 0  # --split-seed
 
 
 @register_method("unetr")
@@ -228,42 +221,19 @@ def sample_crop(item: TrainItem, rng: np.random.Generator, *, cfg: SegmentationC
 # The training module
 
 
-class Segmenter(nn.Module):
-    """`net` (e.g. UNETR) + loss. forward(batch) -> (loss, logs) for the engine.
-
-    In linear mode the encoder is frozen: no gradients, no optimiser state, and kept in eval mode
-    (no drop-path) even when the engine calls `train()`.
-    """
+class Segmenter(FineTuner):
+    """`net` (e.g. UNETR) + loss. forward(batch) -> (loss, logs) for the engine; a frozen encoder
+    in linear mode (`glmae.methods.finetuning`)."""
 
     def __init__(self, encoder: ViTConfig, cfg: SegmentationConfig):
-        super().__init__()
-        if cfg.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
-        self.cfg = cfg
-        self.net = NETWORKS[cfg.name](encoder, cfg, out_channels(cfg))
-        self.frozen = cfg.mode == "linear"
-        if self.frozen:
-            self.net.encoder.requires_grad_(False)
+        super().__init__(NETWORKS[cfg.name](encoder, cfg, out_channels(cfg)), cfg)
         if cfg.regions:
             self.dice = DiceLoss(sigmoid=True)
         else:
             self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    def train(self, mode: bool = True) -> Segmenter:
-        super().train(mode)
-        if self.frozen:
-            self.net.encoder.eval()
-        return self
-
     def sampler(self):
         return functools.partial(sample_crop, cfg=self.cfg)
-
-    def param_groups(self, optim: OptimConfig) -> list[dict]:
-        """Trainable parameters with weight decay and layer-wise lr decay (`optim.layer_decay`)."""
-        return param_groups(
-            self, optim.weight_decay, optim.layer_decay,
-            lambda name: self.net.layer_of(name.removeprefix("net.")), self.net.num_layers,
-        )
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """logits (N, K, X, Y, Z) float32, target (N, 1 or R, X, Y, Z) from `encode_target`."""

@@ -33,7 +33,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
 from torch import nn
 
 from glmae.models.patches import Patch, patch_shape, token_grid
-from glmae.models.vit import ViT, ViTConfig
+from glmae.models.vit import ViT, ViTConfig, layer_of
 
 
 def num_stages(patch: Patch) -> int:
@@ -94,11 +94,7 @@ class UNETR(nn.Module):
     def layer_of(self, name: str) -> int:
         """Layer of parameter `name` for layer-wise lr decay: 0 the patch embedding, i + 1 block i,
         `num_layers` everything above the blocks (final norm, decoder)."""
-        if name.startswith("vit.patch_embedding."):
-            return 0
-        if name.startswith("vit.blocks."):
-            return int(name.split(".")[2]) + 1
-        return self.num_layers
+        return layer_of(name, self.vit.cfg.depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = token_grid(x.shape[2:], self.patch)

@@ -180,6 +180,17 @@ class ViT(nn.Module):
         return self.norm(tokens), hidden
 
 
+def layer_of(name: str, depth: int, prefix: str = "vit.") -> int:
+    """Layer of parameter `name` of a network holding a ViT at `prefix`, for layer-wise lr decay:
+    0 the patch embedding, i + 1 block i, depth + 1 everything above the blocks (final norm, the
+    network's head or decoder)."""
+    if name.startswith(f"{prefix}patch_embedding."):
+        return 0
+    if name.startswith(f"{prefix}blocks."):
+        return int(name[len(prefix):].split(".")[1]) + 1
+    return depth + 1
+
+
 def init_weights(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)

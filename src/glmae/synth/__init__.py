@@ -2,14 +2,14 @@
 
 Each kind is a module with `write_dataset(out_dir, cases, seed, shape, preview) -> Path`, listed in
 `KINDS`. `abdomen` (the default): abdominal CT with the 13 BTCV organs; its names are re-exported
-here.
+here. `cxr`: chest radiographs with 5 findings, labelled as ChestX-ray14 (`glmae.synth.cxr`).
 """
 
-from glmae.synth import abdomen
+from glmae.synth import abdomen, cxr
 from glmae.synth.abdomen import DEFAULT_SHAPE, FOV_MM, ID, LABELS, generate_case, save_preview, write_dataset
 from glmae.synth.common import case_seed
 
-KINDS = {"abdomen": abdomen.write_dataset}
+KINDS = {"abdomen": abdomen.write_dataset, "cxr": cxr.write_dataset}
 
 __all__ = ["DEFAULT_SHAPE", "FOV_MM", "ID", "KINDS", "LABELS", "case_seed", "generate_case", "save_preview",
            "write_dataset"]

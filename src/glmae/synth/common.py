@@ -69,13 +69,14 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def check_out_dir(out: Path, recipe: dict) -> None:
-    """Refuse an output folder that holds anything but a glmae synth data set of this recipe."""
+def check_out_dir(out: Path, recipe: dict, meta_name: str = "dataset.json") -> None:
+    """Refuse an output folder that holds anything but a glmae synth data set of this recipe (whose
+    `meta_name` JSON records it under "glmae_synth")."""
     if out.exists() and not out.is_dir():
         raise InputError("exists and is not a folder", out)
     if not out.exists() or not any(out.iterdir()):
         return
-    meta_file = out / "dataset.json"
+    meta_file = out / meta_name
     try:
         old = json.loads(meta_file.read_text()).get("glmae_synth") if meta_file.is_file() else None
     except (OSError, ValueError, AttributeError):
@@ -87,9 +88,13 @@ def check_out_dir(out: Path, recipe: dict) -> None:
                          "or delete this one", out)
 
 
-def remove_stale(out: Path, cases: int) -> None:
-    """Delete leftovers of interrupted runs and cases numbered `cases` or more."""
-    for folder, suffix in (("imagesTr", ".nii.gz"), ("labelsTr", ".nii.gz"), ("preview", ".png")):
+NIFTI_LAYOUT = (("imagesTr", ".nii.gz"), ("labelsTr", ".nii.gz"), ("preview", ".png"))
+
+
+def remove_stale(out: Path, cases: int, layout=NIFTI_LAYOUT) -> None:
+    """Delete leftovers of interrupted runs and cases numbered `cases` or more, in the (folder,
+    suffix) pairs of `layout`."""
+    for folder, suffix in layout:
         for f in (out / folder).glob("case_*"):
             name = f.name.removesuffix(".partial")
             if f.name.endswith(".partial") or (
