@@ -243,8 +243,25 @@ def info(source: str) -> int:
     return len(problems)
 
 
+def _inspect_radiograph(case: Case) -> tuple[list[str], list[InputError], list[str]]:
+    """Table row, problems and warnings of one radiograph (`glmae.data.radiographs`)."""
+    from glmae.data.radiographs import read_radiograph
+
+    findings = "-" if case.findings is None else (", ".join(sorted(case.findings)) or "No Finding")
+    row = [case.id, case.split, "1", "?", "-", "-", "?", "?", findings]
+    try:
+        array = read_radiograph(case.images[0])
+    except InputError as err:
+        return row, [err], []
+    row[3], row[6], row[7] = "x".join(map(str, array.shape)), f"{array.min():.4g}", f"{array.max():.4g}"
+    constant = [f"{case.images[0]}: every pixel is {array.min():g}: the image carries no information"]
+    return row, [], constant if array.min() == array.max() else []
+
+
 def _inspect(case: Case, dataset: DataSet) -> tuple[list[str], list[InputError], list[str]]:
     """Table row, problems and warnings of one case; reads every voxel."""
+    if dataset.dims == 2:
+        return _inspect_radiograph(case)
     opened, problems = check_headers(case, len(dataset.modalities))
     row = [case.id, case.split, "?", "?", "?", "?", "?", "?", "-" if case.label is None else "?"]
     warnings = []
@@ -308,6 +325,8 @@ def _summary(dataset: DataSet) -> str:
     if set(dataset.modalities) == {"unknown"}:
         channels += " (data.intensity=auto normalises them as MRI; set data.intensity=ct for CT)"
     labels = ", ".join(f"{k} {v}" for k, v in sorted(dataset.labels.items())) or "none declared"
+    if dataset.dims == 2:
+        labels = f"findings {', '.join(dataset.findings) or 'none'}"
     if dataset.regions:
         labels += "; regions: " + ", ".join(f"{k} {list(v)}" for k, v in dataset.regions.items())
     return (

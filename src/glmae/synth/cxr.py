@@ -115,10 +115,14 @@ def draw_anatomy(rng: np.random.Generator) -> Anatomy:
     )
 
 
-def generate_case(anatomy: Anatomy, rng: np.random.Generator, shape=DEFAULT_SHAPE) -> Case:
-    """One radiograph of a patient: pose jitter and findings from `rng`."""
+def generate_case(anatomy: Anatomy, rng: np.random.Generator, shape=DEFAULT_SHAPE,
+                  findings: tuple[str, ...] | None = None) -> Case:
+    """One radiograph of a patient: pose jitter and findings from `rng` (`findings`, if given,
+    replaces the drawn ones, the random stream unchanged otherwise: a finding rendered or not on
+    the same image)."""
     h, w = shape[:2]
-    findings = tuple(name for name, p in FINDINGS.items() if rng.random() < p)
+    drawn = tuple(name for name, p in FINDINGS.items() if rng.random() < p)
+    findings = drawn if findings is None else tuple(f for f in FINDINGS if f in findings)
     shift_u, shift_v = rng.uniform(-0.04, 0.04, size=2)
     v, u = np.meshgrid(np.linspace(-1, 1, h) - shift_v, np.linspace(-1, 1, w) - shift_u, indexing="ij")
     a = anatomy
