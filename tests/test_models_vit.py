@@ -179,3 +179,32 @@ def test_old_style_encoder_file_loads_unchanged(tmp_path):
                                           weights["patch_embedding.patch_embeddings.bias"], stride=8)
         torch.testing.assert_close(vit.patch_embedding(x), conv.flatten(2).transpose(1, 2)
                                    + sincos_embedding((2, 2, 1), 24))
+
+
+def test_a_learned_table_is_used_at_its_grid_and_resampled_trilinearly_for_others():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    vit = tiny_vit(depth=0, learned_pos_grid=(2, 3, 2))  # embedding + final norm: tokens do not interact
+    table = vit.patch_embedding.position_embeddings  # (1, 12, 24), MONAI's name and layout
+    assert table.shape == (1, 12, 24) and table.requires_grad
+    x = torch.randn(1, 1, 8, 12, 8)
+    without = tiny_vit(depth=0)
+    without.load_state_dict({k: v for k, v in vit.state_dict().items() if "position" not in k})
+    patches = without.patch_embedding(x) - sincos_embedding((2, 3, 2), 24)
+    torch.testing.assert_close(vit.patch_embedding(x), patches + table)
+
+    big = torch.randn(1, 1, 16, 12, 4)  # grid (4, 3, 1)
+    volume = table[0].T.reshape(1, 24, 2, 3, 2)
+    expected = F.interpolate(volume, size=(4, 3, 1), mode="trilinear", align_corners=False).reshape(24, 12).T
+    patches = without.patch_embedding(big) - sincos_embedding((4, 3, 1), 24)
+    torch.testing.assert_close(vit.patch_embedding(big), patches + expected)
+
+
+def test_learned_position_embeddings_are_not_weight_decayed():
+    from glmae.engine.optim import no_decay
+
+    vit = tiny_vit(learned_pos_grid=(2, 2, 2))
+    params = dict(vit.named_parameters())
+    assert no_decay("patch_embedding.position_embeddings", params["patch_embedding.position_embeddings"])
+    assert not no_decay("patch_embedding.patch_embeddings.weight", params["patch_embedding.patch_embeddings.weight"])

@@ -12,9 +12,11 @@ Sources: a fine-tuning checkpoint, a pretraining checkpoint or an `encoder.safet
   MONAI's `SwinUNETR(...).swinViT`.
 
 MONAI's position embeddings are per image size: we write our fixed sin-cos embedding for the token
-grid of `img_size` (the checkpoint's ROI; 96³ for an encoder.safetensors, which records none). In
-MONAI's ViT it is a fixed `pos_embed_type="sincos"` buffer; in MONAI's UNETR, which does not expose
-that option, a learnable parameter initialised with it. MONAI's transformer blocks also carry a
+grid of `img_size` (the checkpoint's ROI; for an encoder.safetensors, which records none, 96³ or the
+grid of its learned table). In MONAI's ViT it is a fixed `pos_embed_type="sincos"` buffer; in MONAI's
+UNETR, which does not expose that option, a learnable parameter initialised with it. An encoder with
+a learned table (imported, `encoder.learned_pos_grid`) gets that table, resampled to the grid of
+`img_size`, as a `pos_embed_type="learnable"` parameter. MONAI's transformer blocks also carry a
 `norm_cross_attn` LayerNorm that is unused without cross-attention; it is written with its initial
 values (ones, zeros). The constructor arguments go to FILE minus suffix + `.json`; every file is
 written atomically.
@@ -42,11 +44,15 @@ def monai_vit_weights(encoder: dict[str, torch.Tensor], cfg: ViTConfig, img_size
     """Our ViT's state dict -> MONAI ViT's: the same names plus position embeddings and the unused
     cross-attention norms."""
     from glmae.models.patches import token_grid
-    from glmae.models.vit import sincos_embedding
+    from glmae.models.vit import resample_positions, sincos_embedding
 
     out = dict(encoder)
     grid = token_grid(img_size, cfg.patch_size)
-    out["patch_embedding.position_embeddings"] = sincos_embedding(grid, cfg.width).clone()[None]
+    key = "patch_embedding.position_embeddings"
+    if cfg.learned_pos_grid is None:
+        out[key] = sincos_embedding(grid, cfg.width).clone()[None]
+    else:
+        out[key] = resample_positions(encoder[key], cfg.learned_pos_grid, grid)
     for i in range(cfg.depth):
         out[f"blocks.{i}.norm_cross_attn.weight"] = torch.ones(cfg.width)
         out[f"blocks.{i}.norm_cross_attn.bias"] = torch.zeros(cfg.width)
@@ -58,7 +64,8 @@ def monai_vit_args(cfg: ViTConfig, img_size) -> dict:
         "in_channels": cfg.in_channels, "img_size": list(img_size), "patch_size": cfg.patch_size
         if isinstance(cfg.patch_size, int) else list(cfg.patch_size),
         "hidden_size": cfg.width, "mlp_dim": int(cfg.width * cfg.mlp_ratio), "num_layers": cfg.depth,
-        "num_heads": cfg.heads, "proj_type": "conv", "pos_embed_type": "sincos", "classification": False,
+        "num_heads": cfg.heads, "proj_type": "conv",
+        "pos_embed_type": "sincos" if cfg.learned_pos_grid is None else "learnable", "classification": False,
         "dropout_rate": 0.0, "spatial_dims": 3, "qkv_bias": cfg.qkv_bias,
     }
 
@@ -89,7 +96,10 @@ def read_source(path: Path) -> Source:
     if path.suffix == ".safetensors":
         weights, arch, _ = read_encoder(path)
         meta = json.loads(path.with_suffix(".json").read_text())
-        return Source(cfglib.build(EncoderConfig, arch), weights, None, None, DEFAULT_IMG_SIZE, meta)
+        enc_cfg = cfglib.build(EncoderConfig, arch)
+        learned = getattr(enc_cfg, "learned_pos_grid", None)
+        img_size = DEFAULT_IMG_SIZE if learned is None else tuple(g * enc_cfg.patch_size for g in learned)
+        return Source(enc_cfg, weights, None, None, img_size, meta)
     state = checkpoint.load(path)
     cfg, model, encoder = model_from_checkpoint(state, path)
     img_size = tuple(getattr(cfg.method, "roi", DEFAULT_IMG_SIZE))

@@ -12,8 +12,8 @@ from glmae.config import OptimConfig
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
-    """Norms, biases and learned tokens are not weight-decayed."""
-    return param.ndim <= 1 or name.endswith("token")
+    """Norms, biases, learned tokens and learned position embeddings are not weight-decayed."""
+    return param.ndim <= 1 or name.endswith(("token", "position_embeddings"))
 
 
 def param_groups(

@@ -12,6 +12,8 @@
   depth-1 grid (2D images) the z third of the channels is the same for every token: a constant
   that the first linear layers absorb, in exchange for one embedding for 2D and 3D. Positions are
   token indices, so with anisotropic patches a step along each axis is one patch.
+  Imported weights may bring a learned table instead (`learned_pos_grid`, e.g. MONAI's default
+  ViT): it is resampled trilinearly for inputs of another token grid.
 - No cls token. Attention through `scaled_dot_product_attention`.
 - Parameter names follow `monai.networks.nets.ViT` (`patch_embedding.patch_embeddings`,
   `blocks.i.attn.qkv`, `blocks.i.mlp.linear1`, ...), so export to MONAI is a copy plus the
@@ -21,6 +23,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +52,9 @@ class ViTConfig(EncoderConfig):
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     drop_path: float = 0.0
+    # None: fixed sin-cos position embeddings. A token grid (gx, gy, gz): a learned table for that grid
+    # (`glmae import` of weights trained with one), resampled trilinearly for inputs of other grids
+    learned_pos_grid: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         try:
@@ -74,6 +80,17 @@ def sincos_embedding(
         warnings.simplefilter("ignore", UserWarning)
         emb = build_sincos_position_embedding(list(grid), width, spatial_dims=3).data[0]
     return emb.to(device=device, dtype=dtype)
+
+
+def resample_positions(table: torch.Tensor, grid: tuple[int, int, int], new_grid: tuple[int, int, int]) -> torch.Tensor:
+    """Position embeddings (N, L, D) of token grid `grid` -> (N, L', D) for `new_grid`, trilinearly
+    (the table itself when the grids are equal)."""
+    if tuple(grid) == tuple(new_grid):
+        return table
+    n, _, width = table.shape
+    volume = table.transpose(1, 2).reshape(n, width, *grid)
+    volume = F.interpolate(volume, size=tuple(new_grid), mode="trilinear", align_corners=False)
+    return volume.flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -126,17 +143,27 @@ class Block(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-    def __init__(self, in_channels: int, width: int, patch: Patch):
+    def __init__(self, in_channels: int, width: int, patch: Patch, learned_grid: tuple[int, int, int] | None = None):
         super().__init__()
         self.patch = patch_shape(patch)
         self.patch_embeddings = nn.Conv3d(in_channels, width, kernel_size=self.patch, stride=self.patch)
+        self.learned_grid = None if learned_grid is None else tuple(learned_grid)
+        if learned_grid is not None:  # (1, L, width), MONAI's name and layout
+            self.position_embeddings = nn.Parameter(torch.zeros(1, math.prod(learned_grid), width))
+            nn.init.trunc_normal_(self.position_embeddings, std=0.02)
+
+    def positions(self, grid: tuple[int, int, int], device, dtype) -> torch.Tensor:
+        """(L, width) position embeddings for a token grid."""
+        if self.learned_grid is None:
+            return sincos_embedding(grid, self.patch_embeddings.out_channels, str(device), dtype)
+        return resample_positions(self.position_embeddings, self.learned_grid, grid)[0].to(dtype)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, C, X, Y, Z), keep (N, K) token indices or None -> tokens (N, K or L, width)."""
         grid = token_grid(x.shape[2:], self.patch)
         patches = patchify(x, self.patch)  # (N, L, C·px·py·pz)
         weight = self.patch_embeddings.weight
-        pos = sincos_embedding(grid, weight.shape[0], str(x.device), weight.dtype)
+        pos = self.positions(grid, x.device, weight.dtype)
         if keep is not None:
             patches = gather_tokens(patches, keep)
             pos = pos[keep]  # (N, K, width)
@@ -154,7 +181,7 @@ class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embedding = PatchEmbedding(cfg.in_channels, cfg.width, cfg.patch_size)
+        self.patch_embedding = PatchEmbedding(cfg.in_channels, cfg.width, cfg.patch_size, cfg.learned_pos_grid)
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, rate) for rate in rates
