@@ -97,6 +97,8 @@ COMMANDS = {
     "predict": lambda ckpt, data, out: ["predict", "--checkpoint", ckpt, "--input", data, "--out", out / "masks"],
     "export": lambda ckpt, data, out: ["export", "--checkpoint", ckpt, "--format", "safetensors", "--out",
                                        out / "encoder.safetensors"],
+    "import": lambda ckpt, data, out: ["import", "--format", "glmae-paper", "--checkpoint", ckpt, "--out",
+                                       out / "encoder.safetensors"],
 }
 
 

@@ -183,6 +183,30 @@ def export(
     run(checkpoint, format, out)
 
 
+@app.command("import")
+def import_cmd(
+    format: Annotated[str, typer.Option("--format", help="glmae-paper, selfmedmae, monai-swinvit or monai-vit.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="The published weights (.pth, .pt, ...).")],
+    out: Annotated[Path, typer.Option("--out", help="ENCODER.safetensors to write (encoder.json beside it).")],
+    heads: Annotated[
+        int | None, typer.Option("--heads", min=1, help="A ViT's attention heads [default: the published ViT's].")
+    ] = None,
+    img_size: Annotated[
+        tuple[int, int, int] | None,
+        typer.Option("--img-size", help="Input size X Y Z the weights were trained at [default: a cube of tokens]."),
+    ] = None,
+    roi: Annotated[
+        tuple[int, int, int] | None,
+        typer.Option("--roi", help="Resample a learned position embedding to this ROI's tokens [default: keep it]."),
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Any missing or unexpected key is an error.")] = False,
+):
+    """Convert published weights (GL-MAE, SelfMedMAE, MONAI) into an encoder for finetune --init."""
+    from glmae.import_weights import import_weights as run
+
+    run(format, checkpoint, out, heads=heads, img_size=img_size, roi=roi, strict=strict)
+
+
 @app.command()
 def demo(
     out: OutOpt = Path("runs/demo"),

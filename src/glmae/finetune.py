@@ -16,7 +16,8 @@ are on one side of every split.
 pretraining checkpoint (the encoder that pretraining exports, e.g. GL-MAE's teacher) or of another
 fine-tuning checkpoint; its architecture (every encoder field but `drop_path`) must equal the
 config's encoder. Position embeddings are fixed sin-cos for the ROI's token grid (ViT) or relative
-within attention windows (Swin), so nothing is interpolated.
+within attention windows (Swin), so nothing is interpolated; only a learned table of imported
+weights (`glmae import`, `encoder.learned_pos_grid`) is resampled for another token grid.
 
 The resolved config records the options (`method.mode`, `init`, `label_fraction`, `split_seed`),
 the label names and values (`method.labels`, `method.regions`, from the data set when the config
@@ -40,13 +41,11 @@ from glmae.config import Config, EncoderConfig
 from glmae.engine import checkpoint, distributed
 from glmae.engine.checkpoint import save_json
 from glmae.engine.data import SampleDataset
-from glmae.engine.run import check_run_dir, create_run_dir, load_volumes, read_encoder
+from glmae.engine.run import architecture_differences, check_run_dir, create_run_dir, load_volumes, read_encoder
 from glmae.engine.trainer import fit
 from glmae.errors import InputError
 
 VAL_FRACTION = 0.2
-# encoder fields that do not change the architecture (every other field does)
-TRAINING_FIELDS = ("drop_path",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,8 +90,7 @@ def make_splits(dataset, label_fraction: float, seed: int) -> dict[str, list[str
 def architecture_mismatch(theirs: dict, ours: EncoderConfig) -> list[str]:
     """'field file-value != config-value' for each architecture field that differs."""
     ours = cfglib.to_dict(ours)
-    fields = [k for k in ours if k not in TRAINING_FIELDS]
-    return [f"{k} {theirs.get(k)!r} != {ours[k]!r}" for k in fields if theirs.get(k) != ours[k]]
+    return [f"{k} {theirs.get(k)!r} != {ours[k]!r}" for k in architecture_differences(theirs, ours)]
 
 
 def _names(keys, n: int = 3) -> str:

@@ -84,12 +84,36 @@ def save(state: dict[str, Any], path: Path) -> None:
 
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by `save`; InputError for anything else (no code is executed)."""
+    state = read(path)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise InputError(f"not a glmae checkpoint (expected format {FORMAT})", path)
+    return state
+
+
+def foreign_safe_globals() -> list:
+    """The plain classes that published checkpoints hold besides tensors, and nothing else: an
+    argparse Namespace (the training arguments) and numpy scalars with their dtypes, under numpy 2's
+    and numpy 1's module names."""
+    import argparse
+
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 | numpy 1
+    scalar = core.multiarray.scalar
+    dtypes = [type(np.dtype(code)) for code in "?bhilqBHILQefd"]
+    return [argparse.Namespace, scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
+
+
+def read(path: Path, allowed: list | tuple = ()) -> Any:
+    """The contents of a PyTorch file, unpickled with `weights_only=True` (tensors and plain values,
+    plus the classes in `allowed`): InputError for a missing, unreadable or truncated file and for
+    one that holds other objects (a crafted pickle is refused, never executed)."""
     path = Path(path)
     if not path.is_file():
         raise InputError("checkpoint not found", path)
     try:
-        with warnings.catch_warnings():  # torch's notes on odd pickle protocols: the line below says enough
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
+            warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols: the line below says enough
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).splitlines()[0] if str(err) else "unsupported content"
@@ -100,8 +124,6 @@ def load(path: Path) -> dict[str, Any]:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise InputError(f"not a readable checkpoint ({str(err).splitlines()[0]})", path) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise InputError(f"not a glmae checkpoint (expected format {FORMAT})", path)
     return state
 
 

@@ -117,6 +117,16 @@ def load_volumes(data: str, cfg: Config, env: DistEnv, with_label: bool, cases=N
 # Encoders and checkpoints
 
 
+# encoder fields that do not change the architecture (every other field does)
+TRAINING_FIELDS = ("drop_path",)
+
+
+def architecture_differences(theirs: dict, ours: dict) -> list[str]:
+    """The architecture fields (every field of `ours` but TRAINING_FIELDS) in which two encoder
+    configs, as plain dicts, differ."""
+    return [k for k in ours if k not in TRAINING_FIELDS and theirs.get(k) != ours[k]]
+
+
 def encoder_meta(cfg: Config, step: int) -> dict:
     """The contents of `encoder.json`: the encoder's config, the method and its steps."""
     return {"format": checkpoint.ENCODER_FORMAT, "encoder": cfglib.to_dict(cfg.encoder), "method": cfg.method.name,
@@ -157,7 +167,8 @@ def read_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
         weights, meta = checkpoint.load_encoder(path)
         if not isinstance(meta.get("encoder"), dict):
             raise InputError("the architecture file has no `encoder` section", path.with_suffix(".json"))
-        return weights, meta["encoder"], f"{meta.get('method', '?')} encoder, {meta.get('steps', '?')} steps"
+        steps = meta.get("steps", "?")
+        return weights, meta["encoder"], f"{meta.get('method', '?')} encoder" + (f", {steps} steps" if steps else "")
     state = checkpoint.load(path)
     cfg, _, encoder = model_from_checkpoint(state, path)
     description = f"{cfg.method.name} {state.get('kind', '')} checkpoint, {state['step']} steps"
