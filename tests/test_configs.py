@@ -13,8 +13,10 @@ SNAPSHOTS = Path(__file__).parent / "snapshots"
 # from encoder.feature_size); it is no longer a field of swin_unetr.
 REMOVED = {"swin_unetr": {"method.feature_size"}, "swin_unetr_tiny": {"method.feature_size"}}
 # fields added since, whose defaults change nothing for the configs recorded: radiographs' size
-# (data.image_size), MAE3D's random-resized views and flip axes (method.view_scale, flip_axes)
-ADDED = {"data.image_size": None, "method.view_scale": None, "method.flip_axes": [0, 1, 2]}
+# (data.image_size), MAE3D's random-resized views and flip axes (method.view_scale, flip_axes), the
+# ViT's learned position table of imported weights (encoder.learned_pos_grid)
+ADDED = {"data.image_size": None, "method.view_scale": None, "method.flip_axes": [0, 1, 2],
+         "encoder.learned_pos_grid": None}
 # the demo's and the label-efficiency benchmark's phantom scale, until then built from --set strings
 # on top of the tiny configs, now packaged configs of their own
 PHANTOM = ["glmae_phantom", "mae3d_phantom", "gmim_vit_phantom", "unetr_phantom"]

@@ -237,10 +237,10 @@ def split_qkv(vit) -> None:
         block.attn = new.eval()
 
 
-@pytest.mark.parametrize("variant", ["learnable", "sincos", "perceptron", "separate qkv"])
+@pytest.mark.parametrize("variant", ["learnable", "sincos", "perceptron", "separate qkv", "per-axis patch"])
 def test_monai_vit_hidden_states_are_reproduced(variant):
     kw = {"learnable": {}, "sincos": {"pos_embed_type": "sincos"}, "perceptron": {"proj_type": "perceptron"},
-          "separate qkv": {"qkv_bias": True}}[variant]
+          "separate qkv": {"qkv_bias": True}, "per-axis patch": {"patch_size": (8, 4, 8)}}[variant]
     theirs = monai_vit(**kw)
     if variant == "separate qkv":
         split_qkv(theirs)
@@ -251,6 +251,7 @@ def test_monai_vit_hidden_states_are_reproduced(variant):
     assert report.missing == [] and report.unexpected == []
     assert set(report.dropped) == {f"blocks.{i}.norm_cross_attn.{p}" for i in range(2) for p in ("weight", "bias")}
     assert (imported.encoder.learned_pos_grid is None) == (variant == "sincos")
+    assert imported.encoder.patch_size == ((8, 4, 8) if variant == "per-axis patch" else 8)
     x = torch.randn(2, 2, 32, 32, 16)
     with torch.no_grad():
         tokens, hidden = theirs(x)
@@ -388,8 +389,7 @@ def test_channel_permutation_finds_the_order_or_none():
 
 @pytest.mark.parametrize("fmt, state, message", [
     ("monai-vit", {"module.layers1.0.blocks.0.mlp.fc1.weight": torch.zeros(4, 2)}, "looks like --format monai-swinvit"),
-    ("glmae-paper", {"patch_embed.proj.weight": torch.zeros(48, 1, 4, 8, 8), "pos_embed": torch.zeros(1, 65, 48)},
-     "cubic patches"),
+    ("monai-swinvit", {"patch_embed.proj.weight": torch.zeros(12, 1, 2, 2, 1)}, "cubic patches"),
     ("monai-vit", {"patch_embedding.patch_embeddings.weight": torch.zeros(48, 1, 8, 8, 8),
                    "patch_embedding.position_embeddings": torch.zeros(1, 10, 48)}, "pass --img-size"),
 ])

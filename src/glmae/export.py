@@ -98,7 +98,7 @@ def read_source(path: Path) -> Source:
         meta = json.loads(path.with_suffix(".json").read_text())
         enc_cfg = cfglib.build(EncoderConfig, arch)
         learned = getattr(enc_cfg, "learned_pos_grid", None)
-        img_size = DEFAULT_IMG_SIZE if learned is None else tuple(g * enc_cfg.patch_size for g in learned)
+        img_size = DEFAULT_IMG_SIZE if learned is None else tuple(g * p for g, p in zip(learned, enc_cfg.patch))
         return Source(enc_cfg, weights, None, None, img_size, meta)
     state = checkpoint.load(path)
     cfg, model, encoder = model_from_checkpoint(state, path)

@@ -277,11 +277,8 @@ def _vit(ours: dict[str, torch.Tensor], fmt: str, heads: int | None, img_size, r
                                  f"for {patch_w.shape[1]} inputs per token")
         ours[key] = patch_w.reshape(width, patch, patch, patch, channels).permute(0, 4, 1, 2, 3).contiguous()
         report.adapted[key] = "perceptron (Linear on (p1 p2 p3 c) patches) as a Conv3d weight"
-    elif patch_w.ndim == 5:
-        channels, sides = patch_w.shape[1], tuple(patch_w.shape[2:])
-        if len(set(sides)) != 1:
-            raise NotConvertible(f"patches of {'x'.join(map(str, sides))} voxels: glmae's ViT takes cubic patches")
-        patch = sides[0]
+    elif patch_w.ndim == 5:  # Conv3d (width, C, px, py, pz): a cube or one side per axis
+        channels, patch = patch_w.shape[1], tuple(patch_w.shape[2:])
     else:
         raise NotConvertible(f"{key} has shape {tuple(patch_w.shape)}")
 
