@@ -12,6 +12,8 @@ import numpy as np
 
 from glmae.engine.checkpoint import atomic_write
 
+SOFTWARE = "glmae"  # every PNG's Software text, so that `glmae predict` knows its own overlays
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (imported on first use, so importing glmae stays light)."""
@@ -28,7 +30,7 @@ def save(fig, path: Path) -> None:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": SOFTWARE})
     atomic_write(Path(path), lambda f: f.write(buf.getvalue()))
 
 

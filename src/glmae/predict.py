@@ -15,19 +15,33 @@ one. Then cases are segmented one at a time from the cache and nothing is kept b
 memory does not grow over a folder.
 
 Inputs: a NIfTI file, a folder or glob of them, or a data set (dataset.json, nnU-Net folder,
-datalist; every case of it).
+datalist; every case of it). A mask is named after its case: the image's file name without
+extension, except in nnU-Net's layout. In a folder or glob where every file is named
+`<case>_XXXX.nii.gz`, a multi-channel model reads the `_0000`, `_0001`, ... files of a case as its
+channels, in that order, and a single-channel model the one file of each case; both
+name the mask `<case>.nii.gz`. A single-channel model refuses such a folder when every case has
+the same several channel files (pass one channel's files, e.g. `DIR/*_0000.nii.gz`), and takes numbered scans
+of one name (`case_0000`, `case_0001`, ..., as `glmae synth` writes them) as cases of their own. A
+single file keeps its name.
+
+Nothing but an earlier mask of the same input is overwritten: before any work, `--out` is refused
+when it is the input's folder or a folder inside it that holds inputs, and so is any mask (or
+overlay) path where a file exists that is not a glmae mask (overlay) of that case's input files.
+Masks record their input files in a NIfTI comment extension (`MASK_FORMAT`) and keep the input's
+sform and qform codes and spatial units.
 
 A classifier of radiographs (`glmae.methods.classification`) writes instead one CSV of
 probabilities, a row per image (`image`, the image's path, then one column per finding), to
 `OUT/predictions.csv`, or to OUT itself when it ends in `.csv`. Its inputs are radiographs (PNG,
 JPEG, DICOM): a file, a folder or glob of them, or a CSV data set; every one is read and checked
-before the CSV is written, atomically. In a folder of files named `<case>_0000.nii.gz`, `<case>_0001...`
-(nnU-Net's channel convention) the files of a case are its channels, in that order.
+before the CSV is written, atomically.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -38,24 +52,39 @@ import numpy as np
 from glmae.data.formats import Case
 from glmae.engine.checkpoint import atomic_write
 from glmae.errors import InputError
+from glmae.figures import SOFTWARE as FIGURE_SOFTWARE
 
 _CHANNEL = re.compile(r"(.+)_(\d{4})$")
+MASK_FORMAT = "glmae-mask/1"
+COMMENT = 6  # NIfTI extension code of a comment
 
 
-def prediction_cases(source: str, n_channels: int) -> list[Case]:
-    """The cases to segment in `source`, grouping nnU-Net channel files of image folders. For a
-    single-channel model, names like case_0001.nii.gz that are not all _0000 number cases instead."""
+def prediction_cases(source: str, n_channels: int) -> tuple[Path, list[Case]]:
+    """(the input's folder, the cases to segment in `source`), grouping the nnU-Net channel files
+    of image folders and globs (see the module docstring)."""
     from glmae.data.formats import load_dataset
 
     dataset = load_dataset(source)
-    if dataset.format != "images" or not all(_CHANNEL.match(c.id.rsplit("/", 1)[-1]) for c in dataset.cases):
-        return dataset.cases
+    names = [_CHANNEL.match(c.id.rsplit("/", 1)[-1]) for c in dataset.cases]
+    if dataset.format != "images" or Path(source).expanduser().is_file() or not all(names):
+        return dataset.root, dataset.cases
     groups: dict[str, dict[int, Path]] = defaultdict(dict)
     for case in dataset.cases:
         name, channel = _CHANNEL.match(case.id).groups()
         groups[name][int(channel)] = case.images[0]
-    if n_channels == 1 and any(sorted(files) != [0] for files in groups.values()):
-        return dataset.cases
+    if n_channels == 1:
+        if all(len(files) == 1 for files in groups.values()):  # <case>_0000 (or one other channel) each
+            return dataset.root, [Case(name, tuple(files.values()), None) for name, files in sorted(groups.items())]
+        channel_sets = {tuple(sorted(files)) for files in groups.values()}
+        if len(groups) == 1 or len(channel_sets) > 1:  # numbered scans: case_0000, case_0001, ...
+            return dataset.root, dataset.cases
+        (channels,) = channel_sets
+        raise InputError(
+            f"holds nnU-Net channel files {', '.join(f'_{c:04d}' for c in channels)} for each of {len(groups)} "
+            f"cases, but the model takes 1 channel: pass the files of the channel it was trained on (a glob "
+            f"such as '{dataset.root / '*_0000.nii.gz'}'), or list the scans in a datalist JSON",
+            source,
+        )
     cases = []
     for name, files in sorted(groups.items()):
         if sorted(files) != list(range(n_channels)):
@@ -65,7 +94,78 @@ def prediction_cases(source: str, n_channels: int) -> list[Case]:
                 source,
             )
         cases.append(Case(name, tuple(files[c] for c in range(n_channels)), None))
-    return cases
+    return dataset.root, cases
+
+
+def mask_inputs(path: Path) -> list[str] | None:
+    """The input files recorded in a mask that `save_mask` wrote; None for any other file."""
+    from glmae.data.validate import READ_ERRORS
+
+    try:
+        header = nib.load(path).header
+    except READ_ERRORS:  # anything unreadable is not one of our masks
+        return None
+    for extension in header.extensions:
+        if extension.get_code() == COMMENT:
+            try:
+                record = json.loads(extension.get_content())
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(record, dict) and record.get("format") == MASK_FORMAT:
+                return record.get("inputs")
+    return None
+
+
+def _is_glmae_figure(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("Software") == FIGURE_SOFTWARE
+    except (OSError, ValueError):  # not a PNG, unreadable: not ours
+        return False
+
+
+def _inputs(case: Case) -> list[str]:
+    return [str(p.resolve()) for p in case.images]
+
+
+def check_outputs(root: Path, cases: list[Case], out: Path, overlay: bool) -> dict[str, Path]:
+    """{case id: mask path}; InputError (before anything is done) if writing them could destroy a
+    file that is not an earlier mask of the same input: `out` is the input's folder `root`, or a
+    folder inside it that holds inputs, or a mask or overlay path holds another file."""
+    here, top = out.resolve(), root.resolve()
+    if here == top:
+        raise InputError(f"--out: is the folder of --input {root}: masks would replace its scans; choose "
+                         f"another folder", out)
+    if here.is_relative_to(top):
+        inside = sorted(p for case in cases for p in map(Path, _inputs(case)) if p.is_relative_to(here))
+        if inside:
+            raise InputError(f"--out: lies inside the --input folder {root} and holds {len(inside)} of its images "
+                             f"({inside[0]}{', ...' if len(inside) > 1 else ''}; masks of an earlier run?): choose "
+                             f"a folder outside it", out)
+    if out.exists() and not out.is_dir():
+        raise InputError("--out: is a file; expected a folder for the masks", out)
+    paths = {}
+    for case in cases:
+        path = paths[case.id] = out / f"{case.id}.nii.gz"
+        if os.path.lexists(path):
+            recorded = mask_inputs(path)
+            if recorded is None:
+                raise InputError("exists and is not a glmae mask: refusing to overwrite it (choose another --out)",
+                                 path)
+            if recorded != _inputs(case):
+                raise InputError(f"is the mask of {', '.join(map(str, recorded))}, not of {case.images[0]}: "
+                                 f"refusing to overwrite it (choose another --out)", path)
+        figure = _overlay_path(path)
+        if overlay and os.path.lexists(figure) and not _is_glmae_figure(figure):
+            raise InputError("exists and is not a glmae figure: refusing to overwrite it (choose another --out)",
+                             figure)
+    return paths
+
+
+def _overlay_path(mask: Path) -> Path:
+    return mask.with_name(f"{mask.name[:-len('.nii.gz')]}.png")
 
 
 def to_input_grid(labels: np.ndarray, volume) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +183,17 @@ def to_input_grid(labels: np.ndarray, volume) -> tuple[np.ndarray, np.ndarray]:
     return mask, affine
 
 
-def save_mask(mask: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    data = gzip.compress(nib.Nifti1Image(mask, affine).to_bytes(), compresslevel=6)
+def save_mask(mask: np.ndarray, affine: np.ndarray, path: Path, case: Case) -> None:
+    """The mask as NIfTI at `path` (atomically), with the input's sform and qform codes and spatial
+    units, its input files recorded (see `mask_inputs`)."""
+    like = nib.load(case.images[0]).header  # the header alone
+    img = nib.Nifti1Image(mask, affine)
+    img.set_sform(affine, code=int(like["sform_code"]))
+    img.set_qform(affine, code=int(like["qform_code"]))
+    img.header.set_xyzt_units(*like.get_xyzt_units())
+    record = json.dumps({"format": MASK_FORMAT, "inputs": _inputs(case)})
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(COMMENT, record.encode()))
+    data = gzip.compress(img.to_bytes(), compresslevel=6)
     atomic_write(path, lambda f: f.write(data))
 
 
@@ -108,7 +217,8 @@ def predict(checkpoint: Path, input: str, out: Path, overlay: bool = False) -> l
     n_channels = cfg.encoder.in_channels
     pre = Preprocessor(cfg.data, ("unknown",) * n_channels)  # the intensity mode is in cfg.data
     out = Path(out)
-    cases = prediction_cases(input, n_channels)
+    root, cases = prediction_cases(input, n_channels)
+    paths = check_outputs(root, cases, out, overlay)
     pre.prepare(cases, with_label=False)  # every input checked before any mask is written
     written = []
     for case in cases:
@@ -118,10 +228,10 @@ def predict(checkpoint: Path, input: str, out: Path, overlay: bool = False) -> l
             decoded = decode_logits(infer(net, volume.image, cfg.method, device, dtype), cfg.method)
         labels = label_map(decoded.numpy(), cfg.method)
         mask, affine = to_input_grid(labels, volume)
-        path = out / f"{case.id}.nii.gz"
-        save_mask(mask, affine, path)
+        path = paths[case.id]
+        save_mask(mask, affine, path, case)
         if overlay:
-            overlay_figure(np.asarray(volume.image[0]), labels, path.with_name(f"{path.name[:-7]}.png"), case.id)
+            overlay_figure(np.asarray(volume.image[0]), labels, _overlay_path(path), case.id)
         print(f"{case.id}: {path}")
         written.append(path)
     return written
