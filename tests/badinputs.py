@@ -4,10 +4,11 @@
 (background) and 1 (spleen). Each `BadInput` damages it the way hospital exports arrive broken, in
 case_0001 unless said otherwise, and states how every command that reads data must react:
 
-- REFUSED: exit 2, one line on stderr naming the file (`where`) and the problem (`message`), no
-  traceback, nothing written;
+- REFUSED: exit 2, one line on stderr naming the file (`where`) and the problem (`message`, in
+  which `{root}` stands for the data set's folder), no traceback, nothing written;
 - WARNED: the problem has an unambiguous fix or is harmless: exit 0 and a `glmae: warning:` line;
-- ACCEPTED: the command never opens what is broken (pretraining and prediction do not read labels).
+- ACCEPTED: the command never opens what is broken (pretraining and prediction do not read labels),
+  or what looks odd is valid (an upper-case extension, a byte-order mark).
 
 Running as root, file permissions do not stop reads: `permissions_enforced()` lowers the
 capabilities that let root ignore them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) for the calling
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gzip
+import io
 import json
 import os
 from collections.abc import Callable
@@ -140,6 +143,65 @@ def _unreadable_folder(root):
     os.chmod(root / "imagesTr", 0)
 
 
+def _raw(root, edit, array=None, relative=IMAGE, payload=None):
+    """case_0001's image with header fields set by `edit(header)` as written, bypassing what nibabel
+    would sanitise on saving, then `payload` bytes of voxel data (default: all of them), gzipped."""
+    array = _noise(SHAPE) if array is None else array
+    header = nib.Nifti1Image(array, AFFINE).header.copy()
+    edit(header)
+    buf = io.BytesIO()
+    header.write_to(buf)
+    buf.write(b"\0" * (int(header["vox_offset"]) - buf.tell()))
+    data = array.tobytes(order="F")
+    buf.write(data[:payload])
+    (root / relative).write_bytes(gzip.compress(buf.getvalue()))
+
+
+def _fields(**values):
+    def edit(header):
+        for key, value in values.items():
+            header[key] = value
+    return edit
+
+
+def _singular(header):
+    header["srow_z"] = header["srow_x"]  # the third axis along the first
+
+
+def _huge(header):
+    header.set_data_shape((2000, 2000, 2000))  # 32 GB of float32 declared, 16 KB present
+
+
+def _upper_case(suffix):
+    def damage(root):
+        (root / IMAGE).rename(root / f"imagesTr/case_0001{suffix}")
+        edit_json(root, lambda d: d["training"][1].update(image=f"./imagesTr/case_0001{suffix}"))
+    return damage
+
+
+def _linked(root):
+    """case_0002's image replaced by a symbolic link to case_0001's: one scan, two cases."""
+    (root / "imagesTr/case_0002.nii.gz").unlink()
+    (root / "imagesTr/case_0002.nii.gz").symlink_to("case_0001.nii.gz")
+
+
+def _bom(root):
+    (root / "dataset.json").write_bytes(b"\xef\xbb\xbf" + (root / "dataset.json").read_bytes())
+
+
+def _backslash(root):
+    edit_json(root, lambda d: d["training"][1].update(image="imagesTr\\case_0001.nii.gz"))
+
+
+def _forms_disagree(root):
+    img = nib.Nifti1Image(_noise(SHAPE), AFFINE)
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 30.0  # 20 voxels to the right
+    img.set_sform(AFFINE, code=1)
+    img.set_qform(shifted, code=1)
+    nib.save(img, root / IMAGE)
+
+
 CORPUS = [
     BadInput("empty file", lambda r: (r / IMAGE).write_bytes(b""), IMAGE, "empty file (0 bytes)"),
     BadInput("truncated .nii.gz", lambda r: _cut(r, IMAGE, lambda n: n * 3 // 4), IMAGE,
@@ -173,6 +235,32 @@ CORPUS = [
     BadInput("FIFO instead of a file", _fifo, IMAGE, "not a regular file"),
     BadInput("unreadable folder", _unreadable_folder, "imagesTr/case_000", "cannot access: Permission denied",
              locked=True),
+    BadInput("zero affine", lambda r: _raw(r, _fields(srow_x=0, srow_y=0, srow_z=0)), IMAGE,
+             "the sform affine is singular (zero or collinear axes"),
+    BadInput("singular affine", lambda r: _raw(r, _singular), IMAGE, "the sform affine is singular"),
+    BadInput("huge declared shape", lambda r: _raw(r, _huge), IMAGE,
+             "the header declares 2000x2000x2000 = 8,000,000,000 voxels, more than glmae reads in one file"),
+    BadInput("payload shorter than declared", lambda r: _raw(r, lambda h: None, payload=1000), IMAGE,
+             "truncated file: the header implies 16384 bytes of voxel data, the file holds 1000"),
+    BadInput("header cut short", lambda r: (r / IMAGE).write_bytes(gzip.compress(b"\x5c\x01" + bytes(98))), IMAGE,
+             "truncated file: 100 bytes, shorter than a NIfTI header (348)"),
+    BadInput("DT_BINARY", lambda r: _raw(r, _fields(datatype=1, bitpix=1), np.zeros(SHAPE, np.uint8)), IMAGE,
+             "DT_BINARY, one bit per voxel, which nibabel cannot read: save the image as uint8"),
+    BadInput("negative pixdim", lambda r: _raw(r, _fields(pixdim=[1, -1.5, 1.5, 2, 1, 1, 1, 1])), IMAGE,
+             "pixdim[1,2,3] should be positive; setting to abs of pixdim values", dict.fromkeys(COMMANDS, WARNED)),
+    BadInput("sform and qform disagree", _forms_disagree, IMAGE,
+             "the sform and qform disagree by up to 30 mm (more than a voxel, 2 mm): the sform (code 1) is used",
+             dict.fromkeys(COMMANDS, WARNED)),
+    BadInput("upper-case extension", _upper_case(".NII.GZ"), "imagesTr/case_0001.NII.GZ", "",
+             dict.fromkeys(COMMANDS, ACCEPTED)),
+    BadInput("mixed-case extension", _upper_case(".Nii.Gz"), "imagesTr/case_0001.Nii.Gz", "",
+             dict.fromkeys(COMMANDS, ACCEPTED)),
+    BadInput("symbolic link to another case", _linked, "imagesTr/case_0002.nii.gz",
+             f"is the same file as {{root}}/{IMAGE} (case 'case_0001') through a link: one scan would count as two"),
+    BadInput("UTF-8 byte-order mark", _bom, "dataset.json", "", dict.fromkeys(COMMANDS, ACCEPTED)),
+    BadInput("backslash paths", _backslash, "dataset.json",
+             "training[1].image: 'imagesTr\\\\case_0001.nii.gz': no such file; paths are separated by '/', not '\\' "
+             "(write 'imagesTr/case_0001.nii.gz')"),
 ]
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from glmae.config import DataConfig
 from glmae.data.formats import Case
-from glmae.data.preprocess import Preprocessor, cache_root, intensity_mode
+from glmae.data.preprocess import FORMAT_VERSION, Preprocessor, cache_root, intensity_mode
 from glmae.errors import InputError
 
 SPACING = np.diag([1.5, 1.5, 2.0, 1.0])
@@ -201,7 +201,7 @@ def test_an_interrupted_write_leaves_no_entry(tmp_path, write_nifti, cfg, spy, m
         m.setattr(np, "save", crash)
         with pytest.raises(KeyboardInterrupt):
             Preprocessor(cfg, ("CT",))(case)
-    assert list((tmp_path / "cache").rglob("*")) == [tmp_path / "cache" / "v1"]  # no temporary file left
+    assert list((tmp_path / "cache").rglob("*")) == [tmp_path / "cache" / f"v{FORMAT_VERSION}"]  # no temporary left
     vol = Preprocessor(cfg, ("CT",))(case)
     assert spy["image"] == 2 and vol.image.shape == (1, 6, 6, 6)
 

@@ -102,7 +102,8 @@ def mask_inputs(path: Path) -> list[str] | None:
     from glmae.data.validate import READ_ERRORS
 
     try:
-        header = nib.load(path).header
+        with gzip.open(path) if path.name.endswith(".gz") else open(path, "rb") as f:
+            header = nib.Nifti1Header.from_fileobj(f, check=False)  # quietly: a foreign file is refused
     except READ_ERRORS:  # anything unreadable is not one of our masks
         return None
     for extension in header.extensions:
@@ -186,7 +187,9 @@ def to_input_grid(labels: np.ndarray, volume) -> tuple[np.ndarray, np.ndarray]:
 def save_mask(mask: np.ndarray, affine: np.ndarray, path: Path, case: Case) -> None:
     """The mask as NIfTI at `path` (atomically), with the input's sform and qform codes and spatial
     units, its input files recorded (see `mask_inputs`)."""
-    like = nib.load(case.images[0]).header  # the header alone
+    from glmae.data.validate import load_nifti
+
+    like = load_nifti(case.images[0]).header
     img = nib.Nifti1Image(mask, affine)
     img.set_sform(affine, code=int(like["sform_code"]))
     img.set_qform(affine, code=int(like["qform_code"]))

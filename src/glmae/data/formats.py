@@ -18,16 +18,19 @@
   ``Image Index`` / ``Finding Labels`` table or a path column plus 0/1 finding columns, optional
   patient and split columns; see `glmae.data.radiographs`).
 
-Volumes are NIfTI (``.nii``, ``.nii.gz``); 2D data sets (``DataSet.dims == 2``) are radiographs.
-Paths in a JSON are relative to the JSON's folder (the
-data set root) and must stay inside it: ``../`` or absolute paths elsewhere are refused, because
+Volumes are NIfTI (``.nii``, ``.nii.gz``, in any letter case); 2D data sets (``DataSet.dims == 2``)
+are radiographs. A JSON may start with a UTF-8 byte-order mark. Paths in a JSON are relative to the
+JSON's folder (the data set root), separated by ``/``, and must stay inside it: ``../`` or absolute
+paths elsewhere are refused, because
 datalists are passed between people and every listed path gets opened. The check is on the written
 path, so symbolic links inside the root (say, to another disk) work as usual. A folder that cannot
 be listed (permissions) is an error, never silently skipped with its images.
 
 Case ids are image file names without extension (and without the ``_0000`` channel suffix of
 nnU-Net, or of a case listing several channel files). When two different files share a name, every
-id of that data set becomes the image path relative to the root instead (``patient1/ct``).
+id of that data set becomes the image path relative to the root instead (``patient1/ct``). Two
+cases whose image is the same file (through a symbolic or hard link) are refused like duplicate ids:
+one scan would count twice, and could land in training and validation at once.
 
 `scan_dataset` returns the entry-level problems (bad entries, escaping paths, duplicate ids) so
 that ``glmae info`` can list them all; `load_dataset` raises the first as `InputError`. Neither
@@ -139,13 +142,14 @@ def _scan(source: str | Path) -> tuple[DataSet, list[InputError]]:
 
 
 def is_nifti(path: str | Path) -> bool:
-    return str(path).endswith(NIFTI_SUFFIXES)
+    """A NIfTI name, in any case ('.nii.gz', '.NII.GZ', '.Nii.Gz')."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 def strip_suffix(name: str) -> str:
-    """'ct.nii.gz' -> 'ct'."""
+    """'ct.nii.gz' -> 'ct' (also 'CT.NII.GZ' -> 'CT')."""
     for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
 
@@ -239,15 +243,29 @@ def _case_name(images: tuple[Path, ...]) -> str:
 
 
 def _duplicates(cases: list[Case]) -> list[InputError]:
+    """Cases sharing an id, and cases sharing an image file under other names (a symbolic or hard
+    link), which would let one scan count twice and land in training and validation at once."""
     first: dict[str, Case] = {}
+    files: dict[tuple[int, int], tuple[Path, Case]] = {}
     problems = []
     for case in cases:
         if case.id in first:
             other = first[case.id].images[0]
             where = "the same file is listed twice" if other == case.images[0] else f"also {other}"
             problems.append(InputError(f"duplicate case id {case.id!r} ({where})", case.images[0]))
-        else:
-            first[case.id] = case
+            continue
+        first[case.id] = case
+        for path in case.images:
+            try:
+                stat = path.stat()
+            except OSError:  # missing or unreachable: reported when the case is read
+                continue
+            key = (stat.st_dev, stat.st_ino)
+            if key in files and files[key][1] is not case:
+                other, owner = files[key]
+                problems.append(InputError(f"is the same file as {other} (case {owner.id!r}) through a link: "
+                                           f"one scan would count as two cases", path))
+            files.setdefault(key, (path, case))
     return problems
 
 
@@ -262,7 +280,7 @@ class _BadEntry(Exception):
 def _from_json(path: Path) -> tuple[DataSet, list[InputError]]:
     path = _absolute(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark, as Windows editors write
     except OSError as err:
         raise InputError(f"cannot read: {err.strerror}", path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -325,6 +343,9 @@ def _inside(root: Path, value, where: str) -> Path:
     """`root / value`, refusing paths that leave the root (checked on the path as written)."""
     if not isinstance(value, str) or not value:
         raise _BadEntry(f"{where}: expected a file path, got {value!r}")
+    if "\\" in value and not (root / value).exists():  # written on Windows
+        fixed = value.replace("\\", "/")
+        raise _BadEntry(f"{where}: {value!r}: no such file; paths are separated by '/', not '\\' (write {fixed!r})")
     path = _absolute(root / value)  # an absolute value replaces root
     if not path.is_relative_to(root):
         raise _BadEntry(f"{where}: {value!r} points outside the data set folder {root}")

@@ -54,12 +54,13 @@ from glmae.data.validate import (
     check_headers,
     label_problems,
     label_values,
+    load_nifti,
     nonfinite_problem,
     unreadable,
 )
 from glmae.errors import InputError, warn
 
-FORMAT_VERSION = 1  # bump when the pipeline changes what it writes
+FORMAT_VERSION = 2  # bump when the pipeline changes what it writes (2: nibabel's affine, always)
 INTENSITY_MODES = ("auto", "ct", "mri", "none")
 
 
@@ -121,7 +122,6 @@ class Preprocessor:
     `label_values`, if given, the values a label file may hold (others are an error)."""
 
     def __init__(self, cfg: DataConfig, modalities: tuple[str, ...], label_values: set[int] | None = None):
-        from monai.data import NibabelReader
         from monai.transforms import LoadImage
 
         if cfg.spacing is not None and min(cfg.spacing) <= 0:
@@ -141,7 +141,7 @@ class Preprocessor:
             "modalities": list(self.modalities),
         }
         self._load_image = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
-        self._reader = NibabelReader()
+        self._reader = _nifti_reader()
 
     def __call__(self, case: Case, with_label: bool = True) -> Volume:
         """The case's Volume, from the cache or computed into it. `with_label=False` never opens the label."""
@@ -284,6 +284,21 @@ class Preprocessor:
         y = np.rint(SpatialCrop(roi_start=start, roi_end=stop)(y).array[0])
         high = y.max(initial=0)
         return y.astype(np.uint8 if high < 256 else np.int16 if high < 2**15 else np.int32)
+
+
+def _nifti_reader():
+    """MONAI's NibabelReader reading through `glmae.data.validate.load_nifti` (mixed-case names,
+    nibabel's log lines as warnings), and keeping nibabel's affine: MONAI's reader would swap in the
+    qform when only it agrees with pixdim, a geometry the checks and `glmae predict` would not know."""
+    from monai.data import NibabelReader
+
+    class Reader(NibabelReader):
+        def read(self, data, **kwargs):
+            self.filenames = [data] if isinstance(data, (str, Path)) else list(data)  # as get_data expects
+            images = [load_nifti(Path(name)) for name in self.filenames]
+            return images[0] if len(images) == 1 else images
+
+    return Reader()
 
 
 def _distinct(array: np.ndarray) -> np.ndarray:

@@ -13,7 +13,11 @@ information, and one such case should not stop a run over thousands.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import itertools
+import logging
+import re
 import stat
 import zlib
 from pathlib import Path
@@ -23,16 +27,55 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from glmae.data.formats import Case, DataSet, is_nifti, scan_dataset
-from glmae.errors import InputError
+from glmae.data.formats import NIFTI_SUFFIXES, Case, DataSet, is_nifti, scan_dataset
+from glmae.errors import InputError, warn
 
 AFFINE_TOLERANCE = 1e-3
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError)
+MAX_VOXELS = 2**31  # per file: 8 GiB as float32, beyond any CT or MRI volume (a 1024 x 1024 x 2048 CT is 2**31)
+HEADER_BYTES = 348  # a NIfTI-1 header
+_said: set[tuple[str, str]] = set()  # (file, warning) already said by this process
+
+
+def load_nifti(path: Path) -> nib.Nifti1Image:
+    """`nib.load`, also for names in mixed case ('.Nii.Gz'), for which nibabel looks for a file
+    of another name. Header fixes nibabel makes and logs become warnings (see `nibabel_warnings`)."""
+    with nibabel_warnings(path):
+        if str(path).endswith(NIFTI_SUFFIXES) or str(path).endswith(tuple(s.upper() for s in NIFTI_SUFFIXES)):
+            return nib.load(path)
+        return nib.Nifti1Image.from_file_map({"image": nib.FileHolder(filename=str(path))})
+
+
+@contextlib.contextmanager
+def nibabel_warnings(path: Path):
+    """nibabel's own log lines while reading `path` (it fixes some headers as it reads them: "pixdim[1,2,3]
+    should be positive; setting to abs of pixdim values", ...) as `glmae: warning: <path>: ...` lines,
+    each once per file, instead of bare lines on stderr; none when reading fails (its error says enough)."""
+    logger = logging.getLogger("nibabel.global")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    saved = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = saved
+    for message in records:
+        warn_once(message, path)
+
+
+def warn_once(message: str, path: Path) -> None:
+    """`glmae.errors.warn`, once per file and message in this process (headers are read more than once)."""
+    if (str(path), message) not in _said:
+        _said.add((str(path), message))
+        warn(message, path)
 
 
 def read_header(path: Path) -> nib.Nifti1Image:
     """The image with its header read and voxels not. InputError if missing, unreadable, empty, not
-    NIfTI, misnamed or truncated."""
+    NIfTI, misnamed, truncated, without a valid geometry or too large to read; a warning when its
+    sform and qform disagree."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -46,16 +89,100 @@ def read_header(path: Path) -> nib.Nifti1Image:
     if path.stat().st_size == 0:
         raise InputError("empty file (0 bytes)", path)
     try:
-        img = nib.load(path)
+        img = load_nifti(path)
     except READ_ERRORS as err:
         if _gzip_ends_early(path):  # nibabel only says it cannot work out the file type
             raise InputError("truncated file: the gzip stream ends early", path) from None
-        raise InputError(f"unreadable NIfTI: {_reason(err)}{_misnamed(path)}", path) from None
-    if path.suffix == ".nii":  # uncompressed: a cut file is visible from its size
+        size = _header_size(path)
+        if size is not None and size < HEADER_BYTES:
+            raise InputError(f"truncated file: {size} bytes, shorter than a NIfTI header ({HEADER_BYTES})",
+                             path) from None
+        raise InputError(f"unreadable NIfTI: {_reason(err)}{_hint(err)}{_misnamed(path)}", path) from None
+    _check_size(img, path)
+    if _compressed(path) is False:  # uncompressed: a cut file is visible from its size
         expected = img.dataobj.offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
         if path.stat().st_size < expected:
             raise InputError(f"truncated: {path.stat().st_size} bytes, the header implies {expected}", path)
+    _check_geometry(img, path)
     return img
+
+
+def _compressed(path: Path) -> bool | None:
+    """True for a .nii.gz name, False for .nii (any letter case)."""
+    name = path.name.lower()
+    return True if name.endswith(".nii.gz") else False if name.endswith(".nii") else None
+
+
+def _header_size(path: Path) -> int | None:
+    """How many bytes of the NIfTI header (up to its 348) the file holds once uncompressed."""
+    try:
+        with (gzip.open(path) if _compressed(path) else open(path, "rb")) as f:
+            return len(f.read(HEADER_BYTES))
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def _hint(err: Exception) -> str:
+    if "data code 1 not supported" in str(err):  # DT_BINARY
+        return " (DT_BINARY, one bit per voxel, which nibabel cannot read: save the image as uint8)"
+    return ""
+
+
+def _check_size(img: nib.Nifti1Image, path: Path) -> None:
+    """Refuse a declared size that cannot be read: a corrupt or truncated header can declare 2000³
+    voxels, which reading would try to allocate (32 GB as float32) before finding the data short."""
+    voxels = int(np.prod(img.shape, dtype=object))
+    shape = "x".join(map(str, img.shape))
+    if voxels > MAX_VOXELS:
+        raise InputError(f"the header declares {shape} = {voxels:,} voxels, more than glmae reads in one file "
+                         f"({MAX_VOXELS:,}): a corrupt header?", path)
+    available = available_memory()
+    if available is not None and 4 * voxels > available:
+        raise InputError(f"the header declares {shape} voxels, {_gib(4 * voxels)} as float32, more than the "
+                         f"available memory ({_gib(available)})", path)
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, or less under a cgroup (v2) memory limit;
+    None where unknown."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+        available = int(re.search(r"MemAvailable:\s+(\d+) kB", text)[1]) * 1024
+    except (OSError, TypeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _check_geometry(img: nib.Nifti1Image, path: Path) -> None:
+    """InputError for an affine that maps voxels to no valid world geometry (zero, singular or not
+    finite); a warning when the sform and qform both apply and disagree by more than a voxel."""
+    header = img.header
+    used = "sform" if header["sform_code"] > 0 else "qform" if header["qform_code"] > 0 else "pixdim"
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"the {used} affine is not finite: {_affine_text(affine)}", path)
+    singular = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if singular[0] == 0 or singular[-1] <= 1e-6 * singular[0]:
+        raise InputError(f"the {used} affine is singular (zero or collinear axes: {_affine_text(affine)}), so the "
+                         f"voxels have no position in space: fix the header's {used}", path)
+    if used == "sform" and header["qform_code"] > 0:
+        corners = np.array([[*c, 1.0] for c in itertools.product(*[(0, n - 1) for n in img.shape[:3]])])
+        gap = np.linalg.norm(corners @ (affine - header.get_qform()).T, axis=1).max()
+        voxel = max(header.get_zooms()[:3])
+        if gap > voxel:
+            warn_once(f"the sform and qform disagree by up to {gap:.3g} mm (more than a voxel, {voxel:.3g} mm): "
+                      f"the sform (code {int(header['sform_code'])}) is used, as nibabel does", path)
 
 
 def read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
@@ -67,11 +194,15 @@ def read_voxels(img: nib.Nifti1Image, path: Path) -> np.ndarray:
 
 
 def unreadable(err: Exception, path: Path) -> InputError:
+    short = re.match(r"Expected (\d+) bytes, got (\d+) bytes", str(err))  # nibabel, on a payload cut short
+    if short:
+        return InputError(f"truncated file: the header implies {short[1]} bytes of voxel data, the file holds "
+                          f"{short[2]}", path)
     return InputError(f"unreadable voxel data (truncated file?): {_reason(err)}", path)
 
 
 def _gzip_ends_early(path: Path) -> bool:
-    if path.suffix != ".gz":
+    if not _compressed(path):
         return False
     try:
         with gzip.open(path) as f:
@@ -91,9 +222,9 @@ def _misnamed(path: Path) -> str:
             gzipped = f.read(2) == b"\x1f\x8b"
     except OSError:
         return ""
-    if gzipped and path.suffix == ".nii":
+    if gzipped and _compressed(path) is False:
         return " (it is gzip-compressed: rename it to .nii.gz)"
-    if not gzipped and path.suffix == ".gz":
+    if not gzipped and _compressed(path):
         return " (rename it to .nii if it is an uncompressed NIfTI)"
     return ""
 
