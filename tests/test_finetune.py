@@ -65,7 +65,7 @@ def test_init_loads_the_file_and_linear_mode_leaves_the_encoder_bitwise_unchange
     path, weights = _encoder_file(tmp_path / "encoder.safetensors")
     cfg = load_config("unetr_tiny", FINETUNE + ["train.max_steps=3", "optim.lr=1e-2", "optim.warmup_steps=0"])
     model = Segmenter(cfg.encoder, cfg.method.__class__(labels={0: "bg", 1: "cube", 2: "sphere"}))
-    report = load_init(model.net.encoder, str(path), cfg)
+    report, _ = load_init(model.net.encoder, str(path), cfg)
     assert "loaded 28 tensors, missing 0, unexpected 0" in report
     torch.testing.assert_close(model.net.vit.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"],
                                rtol=0, atol=0)  # before training: the file's weights
@@ -99,8 +99,8 @@ def test_pretrain_finetune_evaluate_through_the_cli(tmp_path, run_cli):
                            "--max-steps", 3, *sets(PRETRAIN))
     assert code == 0, err
     encoder = tmp_path / "pre" / "encoder.safetensors"
-    from_ckpt, _, _ = read_encoder(tmp_path / "pre" / "checkpoints" / "last.pt")
-    from_file, _, _ = read_encoder(encoder)
+    from_ckpt = read_encoder(tmp_path / "pre" / "checkpoints" / "last.pt")[0]
+    from_file = read_encoder(encoder)[0]
     assert from_ckpt.keys() == from_file.keys() and all(torch.equal(from_ckpt[k], from_file[k]) for k in from_file)
 
     run = tmp_path / "ft"
@@ -197,3 +197,36 @@ def test_options_set_in_the_config_are_kept_unless_given_on_the_command_line():
     assert (m.mode, m.label_fraction, m.split_seed, m.init) == ("e2e", 1.0, 0, "none")
     with pytest.raises(InputError, match="method.mode"):
         resolve(load_config("unetr_tiny", ["method.mode=frozen"]), dataset, None, None, None, None)
+
+
+def test_auto_intensity_is_recorded_resolved_and_a_mismatched_init_is_named(tmp_path, run_cli):
+    """A plain folder of CT scans declares no modality: auto z-scores it as MRI, says so, and records
+    `mri`; fine-tuning the encoder on the same scans declared CT names both modes."""
+    import yaml
+    from badinputs import FINETUNE as CORPUS_FINETUNE
+    from badinputs import PRETRAIN as CORPUS_PRETRAIN
+    from badinputs import clean_dataset, sets
+
+    root = clean_dataset(tmp_path / "data")  # dataset.json: CT
+    run = tmp_path / "pre"
+    code, _, err = run_cli("pretrain", "--config", "mae3d_tiny", "--data", root / "imagesTr", "--out", run,
+                           "--max-steps", 1, *sets(CORPUS_PRETRAIN))
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("glmae: ")] == [
+        f"glmae: warning: {root / 'imagesTr'}: declares no modality, so data.intensity=auto z-scores the images as "
+        "MRI; for CT pass --set data.intensity=ct"], err
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["intensity"] == "mri"
+    assert json.loads((run / "encoder.json").read_text())["intensity"] == "mri"
+
+    encoder = run / "encoder.safetensors"
+    code, _, err = run_cli("finetune", "--config", "unetr_tiny", "--data", root, "--out", tmp_path / "ft",
+                           "--init", encoder, "--max-steps", 1, *sets(CORPUS_FINETUNE))
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("glmae: ")] == [
+        f"glmae: warning: {encoder}: --init: the encoder was pre-trained on data.intensity=mri images, this "
+        "fine-tuning uses data.intensity=ct: pass --set data.intensity=mri if the images are of the same kind"], err
+    recorded = run / "config.yaml"  # as runs started before auto was resolved recorded it
+    recorded.write_text(recorded.read_text().replace("intensity: mri", "intensity: auto"))
+    code, _, err = run_cli("pretrain", "--config", "mae3d_tiny", "--data", root / "imagesTr", "--out", run,
+                           "--resume", "--max-steps", 2, *sets(CORPUS_PRETRAIN))
+    assert code == 0, err  # such a run still resumes: auto resolves as it did

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from badinputs import FINETUNE, clean_dataset, sets
+from badinputs import FINETUNE, PRETRAIN, clean_dataset, sets, untrained_checkpoint
 
 import glmae
 
@@ -137,3 +137,102 @@ def test_a_pickle_named_safetensors_is_refused(data, tmp_path, run_cli):
     code, _, err = run_cli(*COMMANDS["finetune --init"](evil, data, tmp_path / "out"))
     assert code == 2 and err.startswith(f"glmae: error: {evil}: not a readable safetensors file")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# --- checkpoints that are broken, mislabelled or of the wrong kind ------------------------------
+
+
+def _state(good: Path) -> dict:
+    return torch.load(good, weights_only=True)
+
+
+def _edited(change):
+    """A copy of the corpus's fine-tuning checkpoint with `change(state)` applied."""
+    def make(path: Path, good: Path) -> Path:
+        state = _state(good)
+        change(state)
+        torch.save(state, path)
+        return path
+    return make
+
+
+def _other_width(state):
+    state["config"]["encoder"]["width"] = 64  # the weights are of width 48
+
+
+def _pretraining(path: Path, good: Path) -> Path:
+    from glmae import config as cfglib
+    from glmae.config import load_config
+    from glmae.engine import checkpoint
+    from glmae.methods import PRETRAINING
+
+    cfg = load_config("mae3d_tiny", PRETRAIN)
+    model = PRETRAINING[cfg.method.name](cfg.encoder, cfg.method)
+    checkpoint.save({"kind": "pretrain", "config": cfglib.to_dict(cfg), "step": 1, "model": model.state_dict()}, path)
+    return path
+
+
+def _exported(path: Path, good: Path) -> Path:
+    """`glmae export --format safetensors` of the good checkpoint to `path` (+ its .json)."""
+    from glmae.export import export
+
+    export(good, "safetensors", path)
+    return path
+
+
+ALL = tuple(COMMANDS)
+BAD_CHECKPOINTS = [  # (name, file name, make(path, good checkpoint), message, commands refusing it)
+    ("empty file", "best.pt", lambda p, g: p.write_bytes(b"") or p, "empty file (0 bytes), not a checkpoint", ALL),
+    ("no config", "best.pt", _edited(lambda s: s.pop("config")),
+     "the checkpoint has no `config`: not written by glmae pretrain or finetune", ALL),
+    ("invalid config", "best.pt", _edited(lambda s: s["config"]["encoder"].update(colour="blue")),
+     "the checkpoint's config is invalid: config: unknown key encoder.colour", ALL),
+    ("config not matching the weights", "best.pt", _edited(_other_width),
+     "the checkpoint's weights do not match its config (", ALL),
+    ("a pre-training checkpoint", "last.pt", _pretraining,
+     "is a pretrain checkpoint (mae3d): evaluate and predict need a fine-tuning checkpoint", ("evaluate", "predict")),
+    ("encoder weights", "encoder.safetensors", _exported,
+     "holds encoder weights alone (safetensors), not a whole model: evaluate and predict need a fine-tuning "
+     "checkpoint", ("evaluate", "predict")),
+    ("encoder weights named .pt", "encoder.pt", _exported,
+     "holds encoder weights alone (safetensors), not a whole model", ("evaluate", "predict")),
+]
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    return untrained_checkpoint(tmp_path_factory.mktemp("good") / "best.pt")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("name, filename, make, message, refusing", BAD_CHECKPOINTS,
+                         ids=[b[0] for b in BAD_CHECKPOINTS])
+def test_a_bad_checkpoint_is_one_line_naming_it(name, filename, make, message, refusing, command, data,
+                                                 good_checkpoint, tmp_path, run_cli):
+    (tmp_path / "given").mkdir()
+    bad = make(tmp_path / "given" / filename, good_checkpoint)
+    code, _, err = run_cli(*COMMANDS[command](bad, data, tmp_path / "out"))
+    assert "Traceback" not in err
+    if command not in refusing:  # encoder weights, under any name, are what --init and export take
+        assert code == 0, err
+        return
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"glmae: error: {bad}: {message}"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_not_matching_its_config_says_what_differs(good_checkpoint, tmp_path):
+    from glmae.engine.run import model_from_checkpoint
+    from glmae.errors import InputError
+
+    state = _state(good_checkpoint)
+    _other_width(state)
+    with pytest.raises(InputError, match=r"\d+ tensors of other shapes: \S+ \(48, [\d, ]+\), the config's \(64, "):
+        model_from_checkpoint(state, tmp_path / "x.pt")
+
+
+def test_a_crafted_pickle_is_refused_on_a_short_line(data, tmp_path, run_cli):
+    evil = _write_evil(tmp_path / "best.pt", "torch zip", tmp_path / "pwned")
+    code, _, err = run_cli(*COMMANDS["evaluate"](evil, data, tmp_path / "out"))
+    assert code == 2 and err.rstrip().endswith("(possibly malicious; not executed): it calls io.open"), err
+    assert len(err) < 250, err  # torch's own text runs to 900 characters

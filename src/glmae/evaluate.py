@@ -10,6 +10,11 @@ with a CSV (case, class, dice) and a per-class bar chart beside it. A classifier
      "positives": {"Effusion": 8, ...},
      "per_case": [{"case": "case_0003", "probability": {"Effusion": 0.82, ...}, "truth": {...}}, ...]}
 with a CSV (case, finding, probability, truth) and the AUC per finding as a bar chart.
+
+Before any work: the output files must be writable, and a segmentation model's data set must be one
+it was made for (`glmae.engine.run.check_data_fits`: the same declared label values and regions, a
+modality matching the intensities it was trained on). Label files are checked against the
+checkpoint's labels.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import io
 import json
 from pathlib import Path
 
-from glmae.engine.checkpoint import atomic_write, save_json
+from glmae.engine.checkpoint import atomic_write, check_writable, save_json
 from glmae.errors import InputError
 
 SPLITS = ("val", "test", "all")
@@ -86,6 +91,11 @@ def split_cases(checkpoint: Path, dataset, split: str) -> list:
     else:
         labelled_ids = {c.id for c in dataset.labelled}
         cases = [c for c in dataset.split({"val": "validation"}.get(split, split)) if c.id in labelled_ids]
+        if not cases:
+            raise InputError(
+                f"no labelled cases in the data set's {split} list, and no run's splits.json beside the checkpoint "
+                f"(looked for {splits_path}: the run's {split} cases are read from there when the checkpoint is in "
+                f"RUN/checkpoints/); pass --split all to evaluate every labelled case", dataset.root)
     if not cases:
         raise InputError(f"no labelled cases in the {split} split", dataset.root)
     return cases
@@ -95,16 +105,27 @@ def evaluate(checkpoint: Path, data: str, out: Path, split: str = "val") -> dict
     """`glmae evaluate`: metrics of a fine-tuned model on a split of `data`, written to `out`."""
     from glmae.data.formats import load_dataset
     from glmae.engine.distributed import DistEnv, pick_device
-    from glmae.engine.run import load_finetuned, load_volumes
+    from glmae.engine.run import check_data_fits, load_finetuned, load_volumes
     from glmae.methods.segmentation import declared_values
     from glmae.methods.validation import evaluate_volumes
 
+    out = Path(out)
+    for path in (out, out.with_suffix(".csv"), out.with_suffix(".png")):  # before any work, not after it
+        check_writable(path, "--out")
+    if out.suffix in (".csv", ".png"):
+        raise InputError("--out: name the metrics file .json (the CSV and PNG are written beside it)", out)
     cfg, model = load_finetuned(checkpoint)
-    cases = split_cases(checkpoint, load_dataset(data), split)
+    dataset = load_dataset(data)
+    if cfg.method.name != "classifier":
+        check_data_fits(cfg, dataset, checkpoint)
+    cases = split_cases(checkpoint, dataset, split)
     env = DistEnv(0, 1, 0, pick_device(cfg.train.device))
     if cfg.method.name == "classifier":
         return _evaluate_classifier(model, cfg, data, cases, env, out, split)
-    _, volumes = load_volumes(data, cfg, env, with_label=True, cases=cases, label_values=declared_values(cfg.method))
+    declared = declared_values(cfg.method)
+    labels = ", ".join(f"{v} {cfg.method.labels.get(v, 'background')}" for v in sorted(declared))
+    _, volumes = load_volumes(data, cfg, env, with_label=True, cases=cases, label_values=declared,
+                              labels_from=f"the checkpoint's labels ({labels})")
     metrics = evaluate_volumes(model.net.to(env.device), volumes, cfg, env.device)
     write_metrics(metrics, out, title=f"{split}: ")
     print(f"mean Dice {metrics['mean_dice']:.4f} over {metrics['n_cases']} case(s) -> {out}")

@@ -93,7 +93,7 @@ def read_source(path: Path) -> Source:
     from glmae import config as cfglib
     from glmae.engine.run import encoder_meta, model_from_checkpoint, read_encoder
 
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or checkpoint.is_safetensors(path):
         weights, arch, _ = read_encoder(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         enc_cfg = cfglib.build(EncoderConfig, arch)

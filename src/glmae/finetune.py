@@ -41,9 +41,16 @@ from glmae.config import Config, EncoderConfig
 from glmae.engine import checkpoint, distributed
 from glmae.engine.checkpoint import save_json
 from glmae.engine.data import SampleDataset
-from glmae.engine.run import architecture_differences, check_run_dir, create_run_dir, load_volumes, read_encoder
+from glmae.engine.run import (
+    architecture_differences,
+    check_run_dir,
+    create_run_dir,
+    load_volumes,
+    read_encoder_file,
+    resolve_intensity,
+)
 from glmae.engine.trainer import fit
-from glmae.errors import InputError
+from glmae.errors import InputError, warn
 
 VAL_FRACTION = 0.2
 
@@ -98,9 +105,10 @@ def _names(keys, n: int = 3) -> str:
     return f" ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})" if keys else ""
 
 
-def load_init(encoder: torch.nn.Module, init: str, cfg: Config) -> str:
-    """Load `--init` into `encoder`; returns the report line (loaded, missing, unexpected)."""
-    weights, arch, description = read_encoder(init)
+def load_init(encoder: torch.nn.Module, init: str, cfg: Config) -> tuple[str, str | None]:
+    """Load `--init` into `encoder`; returns the report line (loaded, missing, unexpected) and a
+    warning when the encoder learnt from images of another intensity mode than the config's."""
+    weights, arch, description, intensity = read_encoder_file(init)
     differences = architecture_mismatch(arch, cfg.encoder)
     if differences:
         raise InputError(
@@ -115,10 +123,16 @@ def load_init(encoder: torch.nn.Module, init: str, cfg: Config) -> str:
     loaded = len(weights) - len(unexpected)
     if loaded == 0:
         raise InputError("--init: none of its tensors belongs to the encoder", init)
-    return (
+    report = (
         f"init: {init} ({description}): loaded {loaded} tensors, missing {len(missing)}{_names(missing)}, "
         f"unexpected {len(unexpected)}{_names(unexpected)}"
     )
+    mismatch = None
+    if intensity not in (None, "auto", cfg.data.intensity):
+        mismatch = (f"--init: the encoder was pre-trained on data.intensity={intensity} images, this fine-tuning "
+                    f"uses data.intensity={cfg.data.intensity}: pass --set data.intensity={intensity} if the images "
+                    f"are of the same kind")
+    return report, mismatch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +140,7 @@ def load_init(encoder: torch.nn.Module, init: str, cfg: Config) -> str:
 
 
 def resolve(cfg: Config, dataset, init: str | None, mode: str | None, label_fraction: float | None,
-            split_seed: int | None) -> Config:
+            split_seed: int | None, say: bool = True) -> Config:
     """The config with the command-line options (those given, i.e. not None: the others keep the
     config's values), label names/values (or findings) and intensity mode filled in."""
     from glmae.methods.finetuning import MODES
@@ -144,12 +158,12 @@ def resolve(cfg: Config, dataset, init: str | None, mode: str | None, label_frac
         from glmae.methods.classification import resolve_findings
 
         return dataclasses.replace(cfg, method=resolve_findings(method, cfg.encoder, dataset))
-    return _resolve_labels(dataclasses.replace(cfg, method=method), dataset)
+    return _resolve_labels(dataclasses.replace(cfg, method=method), dataset, say)
 
 
-def _resolve_labels(cfg: Config, dataset) -> Config:
-    """Segmentation: label names and values (or regions) from the data set, the network checked."""
-    from glmae.data.preprocess import intensity_mode
+def _resolve_labels(cfg: Config, dataset, say: bool) -> Config:
+    """Segmentation: label names and values (or regions) from the data set, the network checked,
+    the intensity mode resolved."""
     from glmae.methods.segmentation import check_network
 
     method = cfg.method
@@ -163,8 +177,7 @@ def _resolve_labels(cfg: Config, dataset) -> Config:
     labels.setdefault(0, "background")
     check_network(method, cfg.encoder)
     method = dataclasses.replace(method, labels=dict(sorted(labels.items())), regions=regions)
-    data = dataclasses.replace(cfg.data, intensity=intensity_mode(cfg.data, dataset.modalities))
-    return dataclasses.replace(cfg, method=method, data=data)
+    return resolve_intensity(dataclasses.replace(cfg, method=method), dataset, dataset.root, say=say)
 
 
 class Validation:
@@ -228,7 +241,7 @@ def finetune(
     env = distributed.init(cfg.train.device)
     try:
         dataset = load_dataset(data)
-        cfg = resolve(cfg, dataset, init, mode, label_fraction, split_seed)
+        cfg = resolve(cfg, dataset, init, mode, label_fraction, split_seed, say=env.is_main)
         init = cfg.method.init
         splits = make_splits(dataset, cfg.method.label_fraction, cfg.method.split_seed)
         resume = check_run_dir(out, resume, cfg)
@@ -238,7 +251,7 @@ def finetune(
         # preprocessing draws no random numbers, so the model may be built first)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = FINETUNING[cfg.method.name](cfg.encoder, cfg.method)
-        report = load_init(model.net.encoder, init, cfg) if init != "none" and not resume else None
+        report, mismatch = load_init(model.net.encoder, init, cfg) if init != "none" and not resume else (None, None)
         by_id = {c.id: c for c in dataset.cases}
         cases = {name: [by_id[i] for i in splits[name]] for name in ("train", "val")}
         task = (_classification if cfg.method.name == "classifier" else _segmentation)(data, cfg, env, cases)
@@ -247,6 +260,8 @@ def finetune(
             save_json(splits, out / "splits.json")
             if report:
                 print(report, file=sys.stderr, flush=True)
+            if mismatch:
+                warn(mismatch, init)
         samples = SampleDataset(task.items, model.sampler())
         validation = Validation(task.score, task.metric, task.prefix, env)
         model = fit(

@@ -49,8 +49,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from glmae.data.formats import Case
-from glmae.engine.checkpoint import atomic_write
+from glmae.data.formats import Case, DataSet
+from glmae.engine.checkpoint import atomic_write, check_writable
 from glmae.errors import InputError
 from glmae.figures import SOFTWARE as FIGURE_SOFTWARE
 
@@ -59,25 +59,25 @@ MASK_FORMAT = "glmae-mask/1"
 COMMENT = 6  # NIfTI extension code of a comment
 
 
-def prediction_cases(source: str, n_channels: int) -> tuple[Path, list[Case]]:
-    """(the input's folder, the cases to segment in `source`), grouping the nnU-Net channel files
+def prediction_cases(source: str, n_channels: int) -> tuple[DataSet, list[Case]]:
+    """(the data set of `source`, the cases to segment in it), grouping the nnU-Net channel files
     of image folders and globs (see the module docstring)."""
     from glmae.data.formats import load_dataset
 
     dataset = load_dataset(source)
     names = [_CHANNEL.match(c.id.rsplit("/", 1)[-1]) for c in dataset.cases]
     if dataset.format != "images" or Path(source).expanduser().is_file() or not all(names):
-        return dataset.root, dataset.cases
+        return dataset, dataset.cases
     groups: dict[str, dict[int, Path]] = defaultdict(dict)
     for case in dataset.cases:
         name, channel = _CHANNEL.match(case.id).groups()
         groups[name][int(channel)] = case.images[0]
     if n_channels == 1:
         if all(len(files) == 1 for files in groups.values()):  # <case>_0000 (or one other channel) each
-            return dataset.root, [Case(name, tuple(files.values()), None) for name, files in sorted(groups.items())]
+            return dataset, [Case(name, tuple(files.values()), None) for name, files in sorted(groups.items())]
         channel_sets = {tuple(sorted(files)) for files in groups.values()}
         if len(groups) == 1 or len(channel_sets) > 1:  # numbered scans: case_0000, case_0001, ...
-            return dataset.root, dataset.cases
+            return dataset, dataset.cases
         (channels,) = channel_sets
         raise InputError(
             f"holds nnU-Net channel files {', '.join(f'_{c:04d}' for c in channels)} for each of {len(groups)} "
@@ -94,7 +94,7 @@ def prediction_cases(source: str, n_channels: int) -> tuple[Path, list[Case]]:
                 source,
             )
         cases.append(Case(name, tuple(files[c] for c in range(n_channels)), None))
-    return dataset.root, cases
+    return dataset, cases
 
 
 def mask_inputs(path: Path) -> list[str] | None:
@@ -145,8 +145,7 @@ def check_outputs(root: Path, cases: list[Case], out: Path, overlay: bool) -> di
             raise InputError(f"--out: lies inside the --input folder {root} and holds {len(inside)} of its images "
                              f"({inside[0]}{', ...' if len(inside) > 1 else ''}; masks of an earlier run?): choose "
                              f"a folder outside it", out)
-    if out.exists() and not out.is_dir():
-        raise InputError("--out: is a file; expected a folder for the masks", out)
+    check_writable(out, "--out", folder=True)
     paths = {}
     for case in cases:
         path = paths[case.id] = out / f"{case.id}.nii.gz"
@@ -207,7 +206,7 @@ def predict(checkpoint: Path, input: str, out: Path, overlay: bool = False) -> l
     from glmae.data.preprocess import Preprocessor, warn_smaller_than_roi
     from glmae.engine.distributed import pick_device
     from glmae.engine.precision import amp_dtype
-    from glmae.engine.run import load_finetuned
+    from glmae.engine.run import check_data_fits, load_finetuned
     from glmae.figures import overlay_figure
     from glmae.methods.segmentation import decode_logits, infer, label_map
 
@@ -220,8 +219,9 @@ def predict(checkpoint: Path, input: str, out: Path, overlay: bool = False) -> l
     n_channels = cfg.encoder.in_channels
     pre = Preprocessor(cfg.data, ("unknown",) * n_channels)  # the intensity mode is in cfg.data
     out = Path(out)
-    root, cases = prediction_cases(input, n_channels)
-    paths = check_outputs(root, cases, out, overlay)
+    dataset, cases = prediction_cases(input, n_channels)
+    check_data_fits(cfg, dataset, checkpoint, labels=False)  # a data set may declare its modality
+    paths = check_outputs(dataset.root, cases, out, overlay)
     pre.prepare(cases, with_label=False)  # every input checked before any mask is written
     written = []
     for case in cases:

@@ -1,7 +1,9 @@
 """`glmae pretrain`: data set -> preprocessed volumes (images only) -> method -> engine -> encoder.
 
 "Self pre-training" (SelfMedMAE): by default the images of the data set's training split are used;
-labels are never opened.
+labels are never opened. `data.intensity=auto` is resolved for the data set (ct when every channel
+is declared CT, else mri, with a warning when no modality is declared) and recorded so in
+config.yaml, the checkpoints and encoder.json.
 
 Run folders are created only once the inputs passed their checks: the config, the data set, the
 headers of every case, then every case preprocessed (voxels read, NaN/Inf and label values
@@ -17,9 +19,10 @@ import torch
 
 from glmae import config as cfglib
 from glmae.config import Config
+from glmae.data.formats import load_dataset
 from glmae.engine import checkpoint, distributed
 from glmae.engine.data import SampleDataset
-from glmae.engine.run import check_run_dir, create_run_dir, encoder_meta, load_volumes
+from glmae.engine.run import check_run_dir, create_run_dir, encoder_meta, load_volumes, resolve_intensity
 from glmae.engine.trainer import fit
 from glmae.errors import InputError
 
@@ -35,6 +38,7 @@ def pretrain(cfg: Config, data: str, out: str | Path, resume: bool = False) -> P
     out = Path(out)
     env = distributed.init(cfg.train.device)
     try:
+        cfg = resolve_intensity(cfg, load_dataset(data), data, say=env.is_main)  # recorded as resolved
         resume = check_run_dir(out, resume, cfg)
         _, volumes = load_volumes(data, cfg, env, with_label=False)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank

@@ -119,9 +119,11 @@ def intensity_mode(cfg: DataConfig, modalities: tuple[str, ...]) -> str:
 
 class Preprocessor:
     """Case -> Volume through the cache. `modalities` is the data set's (one name per channel);
-    `label_values`, if given, the values a label file may hold (others are an error)."""
+    `label_values`, if given, the values a label file may hold (others are an error, saying they
+    are not declared in `labels_from`)."""
 
-    def __init__(self, cfg: DataConfig, modalities: tuple[str, ...], label_values: set[int] | None = None):
+    def __init__(self, cfg: DataConfig, modalities: tuple[str, ...], label_values: set[int] | None = None,
+                 labels_from: str = "`labels`"):
         from monai.transforms import LoadImage
 
         if cfg.spacing is not None and min(cfg.spacing) <= 0:
@@ -132,6 +134,7 @@ class Preprocessor:
         self.modalities = tuple(modalities)
         self.mode = intensity_mode(cfg, self.modalities)
         self.label_values = None if label_values is None else set(label_values)
+        self.labels_from = labels_from
         self.cache = cache_root(cfg) / f"v{FORMAT_VERSION}"
         self.settings = {
             "spacing": None if cfg.spacing is None else list(cfg.spacing),
@@ -275,7 +278,7 @@ class Preprocessor:
         from monai.transforms import SpatialCrop
 
         y = self._load(path)
-        problems = label_problems(_distinct(y.array), self.label_values or set(), path)
+        problems = label_problems(_distinct(y.array), self.label_values or set(), path, self.labels_from)
         if problems:
             raise problems[0]
         y.affine = torch.as_tensor(meta["source"]["files"][0]["affine"], dtype=torch.float64)

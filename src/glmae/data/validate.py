@@ -324,7 +324,9 @@ def label_values(array: np.ndarray) -> np.ndarray:
     return np.unique(array)
 
 
-def label_problems(values: np.ndarray, declared: set[int], path: Path) -> list[InputError]:
+def label_problems(values: np.ndarray, declared: set[int], path: Path, where: str = "`labels`") -> list[InputError]:
+    """Problems of a label file's distinct values: not whole numbers >= 0, or not in `declared`
+    (values the data set's `labels` declare, or those of `where`)."""
     problems = []
     if not np.all(np.isfinite(values)) or np.any(values != np.round(values)) or np.any(values < 0):
         problems.append(InputError(f"label values must be whole numbers >= 0, found {_few(values)}", path))
@@ -332,7 +334,7 @@ def label_problems(values: np.ndarray, declared: set[int], path: Path) -> list[I
         undeclared = sorted(set(values.astype(int).tolist()) - declared)
         if undeclared:
             problems.append(
-                InputError(f"label values {_few(np.array(undeclared))} not declared in `labels`", path)
+                InputError(f"label values {_few(np.array(undeclared))} not declared in {where}", path)
             )
     return problems
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
 import warnings
 import zipfile
@@ -64,6 +65,27 @@ def atomic_write(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
+def check_writable(path: Path, option: str, folder: bool = False) -> None:
+    """InputError now, before any work, if `path` (a file, or with `folder` a folder) could not be
+    written later: the other kind of entry in its place, a file where a folder on its way should be,
+    or no permission to create files in the nearest folder that exists. Tried with a nameless
+    temporary file, so nothing is left behind."""
+    path = Path(path)
+    kind, other = ("folder", "file") if folder else ("file", "folder")
+    if path.exists() and path.is_dir() != folder:
+        raise InputError(f"{option}: is a {other}; expected a {kind}", path)
+    parent = path if folder and path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{option}: {parent} is a file, not a folder", path)
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise InputError(f"{option}: cannot write in {parent}: {err.strerror or err}", path) from None
+
+
 def _os_error(err: BaseException | None) -> OSError | None:
     """`err` or the OSError it was raised while handling (torch.save turns a failed write into a
     RuntimeError about its zip file)."""
@@ -82,8 +104,32 @@ def save(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether the file holds safetensors (an 8-byte header length, then a JSON header), whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
+def _unpickling_reason(err: Exception) -> str:
+    """What torch's (long) refusal names: the forbidden global, or the pickle operation."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f": it calls {found[1]}"
+    found = re.search(r"Unsupported operand (\d+)", text)
+    return f": unsupported pickle operation {found[1]}" if found else ""
+
+
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by `save`; InputError for anything else (no code is executed)."""
+    if is_safetensors(path):
+        raise InputError("is a safetensors file (encoder weights alone, with its .json), not a glmae checkpoint",
+                         path)
     state = read(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InputError(f"not a glmae checkpoint (expected format {FORMAT})", path)
@@ -111,19 +157,21 @@ def read(path: Path, allowed: list | tuple = ()) -> Any:
     path = Path(path)
     if not path.is_file():
         raise InputError("checkpoint not found", path)
+    if path.stat().st_size == 0:
+        raise InputError("empty file (0 bytes), not a checkpoint", path)
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
             warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols: the line below says enough
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).splitlines()[0] if str(err) else "unsupported content"
         raise InputError(
             f"refusing to load: the file holds Python objects beyond tensors and plain values "
-            f"(possibly malicious; not executed): {reason}",
+            f"(possibly malicious; not executed){_unpickling_reason(err)}",
             path,
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise InputError(f"not a readable checkpoint ({str(err).splitlines()[0]})", path) from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"not a readable checkpoint ({reason})", path) from None
     return state
 
 
@@ -146,6 +194,8 @@ def load_encoder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     meta_path = path.with_suffix(".json")
     if not path.is_file():
         raise InputError("encoder weights not found", path)
+    if path.stat().st_size == 0:
+        raise InputError("empty file (0 bytes), not encoder weights", path)
     try:
         weights = load_file(path)
     except (SafetensorError, OSError) as err:
@@ -154,6 +204,8 @@ def load_encoder(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise InputError(f"missing its architecture file {meta_path.name}", path)
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"unreadable architecture file ({err})", meta_path) from None
+    if not isinstance(meta, dict):
+        raise InputError("the architecture file is not a JSON object", meta_path)
     return weights, meta

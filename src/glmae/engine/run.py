@@ -5,7 +5,7 @@
 - `load_volumes`: the data set's cases checked, preprocessed into the cache and memory-mapped.
 - `encoder_meta` / `read_encoder`: the `encoder.json` written beside `encoder.safetensors`, and the
   encoder weights of any file a user may pass (an encoder.safetensors, a pre-training or a
-  fine-tuning checkpoint).
+  fine-tuning checkpoint). `resolve_intensity`: `data.intensity=auto` made explicit for a data set.
 - `model_from_checkpoint` / `load_finetuned`: a checkpoint's config rebuilds its method.
 - `run_stage`: a training stage that is skipped once finished and resumed when interrupted (the
   demo and the benchmarks chain several).
@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -41,7 +43,10 @@ def check_run_dir(out: Path, resume: bool, cfg: Config) -> bool:
     if not resume and started:
         raise InputError("already holds a run; pass --resume to continue it or choose another --out", out)
     if resume and last.is_file() and recorded.is_file():
-        changed = cfglib.differences(cfglib.to_dict(cfg), cfglib.to_dict(cfglib.load_config(str(recorded))))
+        before = cfglib.to_dict(cfglib.load_config(str(recorded)))
+        if before["data"]["intensity"] == "auto":  # recorded before auto was resolved: it resolved alike
+            before["data"]["intensity"] = cfg.data.intensity
+        changed = cfglib.differences(cfglib.to_dict(cfg), before)
         changed = [k for k in changed if k not in RESUMABLE_CHANGES]
         if changed:
             raise InputError(f"--resume: the configuration differs from the run's in {', '.join(changed[:5])}",
@@ -81,10 +86,11 @@ def run_stage(kind: str, run: Path, fn, *args, **kwargs) -> None:
 # Volumes
 
 
-def load_volumes(data: str, cfg: Config, env: DistEnv, with_label: bool, cases=None, label_values=None):
+def load_volumes(data: str, cfg: Config, env: DistEnv, with_label: bool, cases=None, label_values=None,
+                 labels_from: str = "`labels`"):
     """Check, preprocess (once, into the cache) and memory-map the volumes of `cases` (default: the
     data set's training split; radiographs as (1, H, W, 1) volumes); label values outside
-    `label_values` (if given) are an error. The
+    `label_values` (if given; `labels_from` says whose) are an error. The
     main process fills the cache first; the others then read it. A warning line for each volume
     smaller than the method's ROI (it gets padded)."""
     from glmae.data.formats import load_dataset
@@ -102,7 +108,7 @@ def load_volumes(data: str, cfg: Config, env: DistEnv, with_label: bool, cases=N
     if dataset.dims == 2:  # radiographs: (1, H, W, 1) depth-1 volumes; their findings stay on the cases
         pre = RadiographPreprocessor(cfg.data)
     else:
-        pre = Preprocessor(cfg.data, dataset.modalities, label_values)
+        pre = Preprocessor(cfg.data, dataset.modalities, label_values, labels_from)
     if env.is_main:
         volumes = pre.prepare(cases, with_label=with_label)
     distributed.barrier(env)
@@ -128,48 +134,147 @@ def architecture_differences(theirs: dict, ours: dict) -> list[str]:
 
 
 def encoder_meta(cfg: Config, step: int) -> dict:
-    """The contents of `encoder.json`: the encoder's config, the method and its steps."""
+    """The contents of `encoder.json`: the encoder's config, the method, its steps and the intensity
+    mode of the images it learnt from (`data.intensity`, resolved)."""
     return {"format": checkpoint.ENCODER_FORMAT, "encoder": cfglib.to_dict(cfg.encoder), "method": cfg.method.name,
-            "steps": step}
+            "steps": step, "intensity": cfg.data.intensity}
+
+
+class EncoderFile(NamedTuple):
+    weights: dict[str, torch.Tensor]
+    arch: dict  # the encoder config as a dict
+    description: str  # "glmae encoder, 300 steps", ...
+    intensity: str | None  # data.intensity of the images it was trained on; None if not recorded
+
+
+CHECKPOINT_KEYS = ("config", "model", "step")  # what every glmae checkpoint holds
 
 
 def model_from_checkpoint(state: dict, path: Path):
     """(config, model with the checkpoint's weights, the encoder it exports) of a pretraining
-    checkpoint (its `export_encoder`, e.g. GL-MAE's teacher) or a fine-tuning one (`net.encoder`)."""
+    checkpoint (its `export_encoder`, e.g. GL-MAE's teacher) or a fine-tuning one (`net.encoder`).
+    InputError naming `path` when its config is missing or invalid, or does not match its weights."""
     from glmae.methods import FINETUNING, PRETRAINING
 
-    cfg = cfglib.build(Config, state["config"])
-    if cfg.method.name in PRETRAINING:
-        model = PRETRAINING[cfg.method.name](cfg.encoder, cfg.method)
-    elif cfg.method.name in FINETUNING:
-        model = FINETUNING[cfg.method.name](cfg.encoder, cfg.method)
-    else:
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise InputError(f"the checkpoint has no `{'`, `'.join(missing)}`: not written by glmae pretrain or "
+                         f"finetune", path)
+    try:
+        cfg = cfglib.build(Config, state["config"])
+    except InputError as err:
+        raise InputError(f"the checkpoint's config is invalid: {err}", path) from None
+    methods = {**PRETRAINING, **FINETUNING}
+    if cfg.method.name not in methods:
         raise InputError(f"checkpoint of unknown method {cfg.method.name!r}", path)
+    try:
+        model = methods[cfg.method.name](cfg.encoder, cfg.method)
+    except (ValueError, AssertionError, RuntimeError) as err:  # sizes no model can be built with
+        raise InputError(f"the checkpoint's config describes no buildable {cfg.method.name} model: {err}",
+                         path) from None
+    problem = weights_mismatch(model.state_dict(), state["model"])
+    if problem:
+        raise InputError(f"the checkpoint's weights do not match its config ({problem})", path)
     model.load_state_dict(state["model"])
     encoder = model.export_encoder if cfg.method.name in PRETRAINING else model.net.encoder
     return cfg, model, encoder
 
 
+def weights_mismatch(expected: dict[str, torch.Tensor], weights) -> str:
+    """'' when `weights` has exactly the names and shapes of `expected`, else what differs, briefly."""
+    if not isinstance(weights, dict):
+        return f"`model` is a {type(weights).__name__}, not a dict of tensors"
+    problems = []
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            problems.append(f"{len(keys)} {what} tensors: {', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''}")
+    shapes = [k for k in sorted(set(expected) & set(weights))
+              if not isinstance(weights[k], torch.Tensor) or weights[k].shape != expected[k].shape]
+    if shapes:
+        k = shapes[0]
+        found = tuple(weights[k].shape) if isinstance(weights[k], torch.Tensor) else type(weights[k]).__name__
+        problems.append(f"{len(shapes)} tensors of other shapes: {k} {found}, the config's {tuple(expected[k].shape)}")
+    return "; ".join(problems)
+
+
 def load_finetuned(path: Path):
     """(config, fine-tuned model in eval mode: a Segmenter or a Classifier) from a fine-tuning
     checkpoint (last.pt / best.pt)."""
+    needed = "evaluate and predict need a fine-tuning checkpoint (RUN/checkpoints/best.pt of glmae finetune)"
+    if checkpoint.is_safetensors(path):
+        raise InputError(f"holds encoder weights alone (safetensors), not a whole model: {needed}", path)
     cfg, model, _ = model_from_checkpoint(checkpoint.load(path), path)
     if cfg.task != "finetune":
-        raise InputError(f"not a fine-tuning checkpoint (method {cfg.method.name!r})", path)
+        raise InputError(f"is a {cfg.task} checkpoint ({cfg.method.name}): {needed}", path)
     return cfg, model.eval()
 
 
+def check_data_fits(cfg: Config, dataset, checkpoint_path: Path, labels: bool = True) -> None:
+    """Refuse a data set a fine-tuned model was not made for, naming both sides: another modality
+    than the intensities it was trained on (a CT model's window on MRI), or (with `labels`) other
+    declared label values or regions (Dice under the wrong organs' names). Label names that differ
+    for the same values are a warning: the checkpoint's names are reported."""
+    from glmae.data.preprocess import intensity_mode
+
+    if set(dataset.modalities) != {"unknown"} and cfg.data.intensity in ("ct", "mri"):
+        theirs = intensity_mode(cfglib.DataConfig(intensity="auto"), dataset.modalities)
+        if theirs != cfg.data.intensity:
+            raise InputError(
+                f"the data set's images are {', '.join(dataset.modalities)} (intensity {theirs}) but the checkpoint "
+                f"{checkpoint_path} was trained on data.intensity={cfg.data.intensity} images", dataset.root)
+    if not labels:
+        return
+    ours, theirs = dict(cfg.method.labels), dict(dataset.labels)
+    if theirs and set(theirs) | {0} != set(ours) | {0}:
+        raise InputError(f"the data set's labels ({_label_list(theirs)}) are not the checkpoint's "
+                         f"({_label_list(ours)}, {checkpoint_path})", dataset.root)
+    regions = {name: list(values) for name, values in dataset.regions.items()}
+    if regions and regions != cfg.method.regions:
+        raise InputError(f"the data set's regions {regions} are not the checkpoint's {cfg.method.regions} "
+                         f"({checkpoint_path})", dataset.root)
+    renamed = {v: (theirs[v], ours[v]) for v in theirs if v in ours and theirs[v] != ours[v]}
+    if renamed:
+        warn(f"the data set names labels otherwise than the checkpoint {checkpoint_path} "
+             f"({', '.join(f'{v}: {a!r} here, {b!r} there' for v, (a, b) in sorted(renamed.items()))}): the "
+             f"checkpoint's names are reported", dataset.root)
+
+
+def _label_list(labels: dict[int, str], n: int = 6) -> str:
+    items = [f"{v} {name}" for v, name in sorted(labels.items())]
+    return ", ".join(items[:n]) + (f", ... {len(items)} in all" if len(items) > n else "")
+
+
 def read_encoder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
-    """(weights, encoder config as a dict, description) from an encoder.safetensors (+ .json), a
-    pretraining checkpoint or a fine-tuning checkpoint."""
+    """(weights, encoder config as a dict, description) from an encoder.safetensors (+ .json; under
+    any name), a pretraining checkpoint or a fine-tuning checkpoint."""
+    return tuple(read_encoder_file(path)[:3])
+
+
+def read_encoder_file(path: str | Path) -> EncoderFile:
+    """`read_encoder`, with the intensity mode the encoder learnt from."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or checkpoint.is_safetensors(path):  # `export --out x.pt` may name it so
         weights, meta = checkpoint.load_encoder(path)
         if not isinstance(meta.get("encoder"), dict):
             raise InputError("the architecture file has no `encoder` section", path.with_suffix(".json"))
         steps = meta.get("steps", "?")
-        return weights, meta["encoder"], f"{meta.get('method', '?')} encoder" + (f", {steps} steps" if steps else "")
+        description = f"{meta.get('method', '?')} encoder" + (f", {steps} steps" if steps else "")
+        return EncoderFile(weights, meta["encoder"], description, meta.get("intensity"))
     state = checkpoint.load(path)
     cfg, _, encoder = model_from_checkpoint(state, path)
     description = f"{cfg.method.name} {state.get('kind', '')} checkpoint, {state['step']} steps"
-    return encoder.state_dict(), cfglib.to_dict(cfg.encoder), description
+    return EncoderFile(encoder.state_dict(), cfglib.to_dict(cfg.encoder), description, cfg.data.intensity)
+
+
+def resolve_intensity(cfg: Config, dataset, source, say: bool = True) -> Config:
+    """`cfg` with `data.intensity` resolved for the data set (auto -> ct or mri, see
+    `glmae.data.preprocess.intensity_mode`), so that config.yaml, checkpoints and encoder.json say
+    what was done. A warning (if `say`) when auto meets a data set that declares no modality (MRI z-scoring)."""
+    from glmae.data.preprocess import intensity_mode
+
+    mode = intensity_mode(cfg.data, dataset.modalities)
+    if say and cfg.data.intensity == "auto" and set(dataset.modalities) == {"unknown"}:
+        warn("declares no modality, so data.intensity=auto z-scores the images as MRI; for CT pass "
+             "--set data.intensity=ct", source)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, intensity=mode))
