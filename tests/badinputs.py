@@ -218,7 +218,7 @@ CORPUS = [
              "shape (16, 16, 12) differs from", NO_LABELS_READ),
     BadInput("label affine", _label(np.zeros(SHAPE, np.uint8), np.diag([-1.5, 1.5, 2.0, 1.0])), LABEL,
              "affine differs from", NO_LABELS_READ),
-    BadInput("undeclared label values", _undeclared, LABEL, "label values 5, 7 not declared in `labels`",
+    BadInput("undeclared label values", _undeclared, LABEL, "label values 5, 7 not declared in",  # labels or checkpoint
              NO_LABELS_READ),
     BadInput("NaN/Inf voxels", _nan, IMAGE, "2 NaN/Inf voxels"),
     BadInput("constant volume", _image(np.zeros(SHAPE, np.float32)), IMAGE,

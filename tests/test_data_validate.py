@@ -229,3 +229,25 @@ def test_malformed_json_exits_2_in_one_line(tmp_path, run_cli):
 def test_info_on_a_missing_path(tmp_path, run_cli):
     code, _, err = run_cli("info", tmp_path / "nowhere")
     assert (code, err) == (2, f"glmae: error: {tmp_path}/nowhere: no such file or folder\n")
+
+
+def test_a_declared_size_beyond_the_available_memory_is_refused_before_reading(tmp_path, run_cli, monkeypatch):
+    import gzip
+    import io
+
+    import nibabel as nib
+
+    import glmae.data.validate
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((1000, 1000, 300))  # 1.1 GiB of float32, under MAX_VOXELS; a few bytes present
+    header.set_data_dtype(np.float32)
+    buf = io.BytesIO()
+    header.write_to(buf)
+    (tmp_path / "big.nii.gz").write_bytes(gzip.compress(buf.getvalue() + bytes(1000)))
+    assert glmae.data.validate.available_memory() > 0  # /proc/meminfo
+    monkeypatch.setattr(glmae.data.validate, "available_memory", lambda: 2**30)
+    code, _, err = run_cli("info", tmp_path / "big.nii.gz")
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[0] == (f"glmae: error: {tmp_path / 'big.nii.gz'}: the header declares 1000x1000x300 "
+                                   "voxels, 1.1 GiB as float32, more than the available memory (1.0 GiB)")

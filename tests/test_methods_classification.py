@@ -116,3 +116,12 @@ def test_the_2d_path_end_to_end(tmp_path, run_cli):
     findings = list(val["per_class"])
     assert table[0] == ["image", *findings] and len(table) == 31
     assert all(0 < float(p) < 1 for row in table[1:] for p in row[1:])
+    data_csv = (tmp_path / "cxr" / "labels.csv").read_bytes()
+    code, _, err = run_cli("predict", "--checkpoint", tmp_path / "ft" / "checkpoints" / "best.pt",
+                           "--input", tmp_path / "cxr" / "images", "--out", tmp_path / "cxr" / "labels.csv")
+    assert code == 2 and err == (f"glmae: error: {tmp_path / 'cxr' / 'labels.csv'}: exists and is not glmae "
+                                 "predictions: refusing to overwrite it (choose another --out)\n"), err
+    assert (tmp_path / "cxr" / "labels.csv").read_bytes() == data_csv  # the data set's table is kept
+    code, _, err = run_cli("predict", "--checkpoint", tmp_path / "ft" / "checkpoints" / "best.pt",
+                           "--input", tmp_path / "cxr" / "images", "--out", tmp_path / "pred")
+    assert code == 0, err  # its own predictions are replaced

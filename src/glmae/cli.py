@@ -161,7 +161,8 @@ def evaluate(
 @app.command()
 def predict(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Fine-tuning checkpoint (best.pt).")],
-    input: Annotated[str, typer.Option("--input", help="Image file or folder of images.")],
+    input: Annotated[str, typer.Option("--input", help="Image file, folder or glob of images ('scans/*.nii.gz'), or a "
+                                                       "data set (dataset.json, nnU-Net folder, datalist).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the masks.")],
     overlay: Annotated[bool, typer.Option("--overlay", help="Also write overlay PNGs.")] = False,
 ):

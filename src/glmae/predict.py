@@ -34,7 +34,8 @@ A classifier of radiographs (`glmae.methods.classification`) writes instead one 
 probabilities, a row per image (`image`, the image's path, then one column per finding), to
 `OUT/predictions.csv`, or to OUT itself when it ends in `.csv`. Its inputs are radiographs (PNG,
 JPEG, DICOM): a file, a folder or glob of them, or a CSV data set; every one is read and checked
-before the CSV is written, atomically.
+before the CSV is written, atomically, and only over an earlier glmae predictions CSV of the same
+findings.
 """
 
 from __future__ import annotations
@@ -252,9 +253,12 @@ def _predict_findings(net, cfg, source: str, out: Path, device, dtype) -> Path:
     dataset = load_dataset(source)
     if dataset.dims != 2:
         raise InputError("the classifier reads radiographs (PNG, JPEG, DICOM); this input holds volumes", source)
+    path = out if out.suffix.lower() == ".csv" else out / "predictions.csv"
+    header = ",".join(["image", *cfg.method.findings])
+    if os.path.lexists(path) and _first_line(path) != header:  # a data set's CSV, any other file
+        raise InputError("exists and is not glmae predictions: refusing to overwrite it (choose another --out)", path)
     volumes = RadiographPreprocessor(cfg.data).prepare(dataset.cases)  # every input checked first
     probs = probabilities(net, volumes, cfg.method, device, dtype)
-    path = out if out.suffix.lower() == ".csv" else out / "predictions.csv"
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["image", *cfg.method.findings])
@@ -263,3 +267,11 @@ def _predict_findings(net, cfg, source: str, out: Path, device, dtype) -> Path:
     atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
     print(f"probabilities of {len(volumes)} image(s) for {len(cfg.method.findings)} finding(s) -> {path}")
     return path
+
+
+def _first_line(path: Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().rstrip("\n")
+    except (OSError, UnicodeDecodeError):
+        return None

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import mmap
 import os
 import secrets
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -143,7 +145,7 @@ class Preprocessor:
             "crop_foreground": cfg.crop_foreground,
             "modalities": list(self.modalities),
         }
-        self._load_image = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
+        self._load_image = _quietly(LoadImage, image_only=True, ensure_channel_first=True, dtype=np.float32)
         self._reader = _nifti_reader()
 
     def __call__(self, case: Case, with_label: bool = True) -> Volume:
@@ -287,6 +289,20 @@ class Preprocessor:
         y = np.rint(SpatialCrop(roi_start=start, roi_end=stop)(y).array[0])
         high = y.max(initial=0)
         return y.astype(np.uint8 if high < 256 else np.int16 if high < 2**15 else np.int32)
+
+
+def _quietly(build, *args, **kwargs):
+    """`build(*args, **kwargs)` without the lines MONAI prints meanwhile: building a LoadImage builds
+    every reader it has, and the DICOM one reports a missing optional GPU decoder (nvImageCodec) in
+    a log line and a warning on stderr, for every command."""
+    logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return build(*args, **kwargs)
+    finally:
+        logger.disabled = disabled
 
 
 def _nifti_reader():

@@ -270,9 +270,12 @@ def read_encoder_file(path: str | Path) -> EncoderFile:
 def resolve_intensity(cfg: Config, dataset, source, say: bool = True) -> Config:
     """`cfg` with `data.intensity` resolved for the data set (auto -> ct or mri, see
     `glmae.data.preprocess.intensity_mode`), so that config.yaml, checkpoints and encoder.json say
-    what was done. A warning (if `say`) when auto meets a data set that declares no modality (MRI z-scoring)."""
+    what was done (volumes only). A warning (if `say`) when auto meets a data set that declares no
+    modality (MRI z-scoring)."""
     from glmae.data.preprocess import intensity_mode
 
+    if dataset.dims != 3:  # radiographs are scaled by their own preprocessing, whatever data.intensity says
+        return cfg
     mode = intensity_mode(cfg.data, dataset.modalities)
     if say and cfg.data.intensity == "auto" and set(dataset.modalities) == {"unknown"}:
         warn("declares no modality, so data.intensity=auto z-scores the images as MRI; for CT pass "
