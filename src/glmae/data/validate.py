@@ -6,6 +6,11 @@
 Geometry: the channel files and the label of a case must have the same spatial shape and affine.
 Affines agree when every entry differs by at most 1e-3 x (|entry| + largest voxel size), so float32
 rounding and tools that rewrite headers pass, while a shift of a voxel or a flipped axis does not.
+Each file's own affine must place its voxels in space (finite, not singular); when its sform and
+qform both apply and disagree by more than a voxel, the sform is used (nibabel's choice) with a
+warning. Before any voxel is read, the declared size must stay within `MAX_VOXELS` and the
+available memory (as float32), so a corrupt header cannot make reading allocate tens of GB.
+nibabel's own log lines (headers it repairs while reading) become warnings naming the file.
 
 A constant image (every voxel equal) is a warning, not a problem: it is valid data that carries no
 information, and one such case should not stop a run over thousands.

@@ -6,7 +6,9 @@
 - `encoder_meta` / `read_encoder`: the `encoder.json` written beside `encoder.safetensors`, and the
   encoder weights of any file a user may pass (an encoder.safetensors, a pre-training or a
   fine-tuning checkpoint). `resolve_intensity`: `data.intensity=auto` made explicit for a data set.
-- `model_from_checkpoint` / `load_finetuned`: a checkpoint's config rebuilds its method.
+- `model_from_checkpoint` / `load_finetuned`: a checkpoint's config rebuilds its method (refusing,
+  naming the file, a checkpoint without config or whose weights do not match it);
+  `check_data_fits`: a fine-tuned model against a data set (labels, modality).
 - `run_stage`: a training stage that is skipped once finished and resumed when interrupted (the
   demo and the benchmarks chain several).
 """
