@@ -289,3 +289,21 @@ def test_not_a_data_set(tmp_path, write_nifti):
     os.makedirs(tmp_path / "task" / "labelsTr")
     with pytest.raises(InputError, match="task: has labelsTr/ but no dataset.json"):
         load_dataset(tmp_path / "task")
+
+
+def test_upper_and_mixed_case_extensions_are_images(tmp_path, write_nifti):
+    for name in ("A.NII.GZ", "b.Nii.Gz", "c.NII", "d.nii.gz"):  # nibabel itself saves mixed case elsewhere
+        lower = write_nifti(tmp_path / "scans" / name.lower(), np.zeros((4, 4, 4), np.float32))
+        lower.rename(tmp_path / "scans" / name)
+    assert [c.id for c in load_dataset(str(tmp_path / "scans")).cases] == ["A", "b", "c", "d"]  # none skipped
+    single = load_dataset(str(tmp_path / "scans" / "b.Nii.Gz"))
+    assert [c.id for c in single.cases] == ["b"] and single.cases[0].images[0].name == "b.Nii.Gz"
+
+
+def test_a_hard_link_between_cases_is_a_duplicate(tmp_path, write_nifti):
+    write_nifti(tmp_path / "scans" / "a.nii.gz", np.zeros((4, 4, 4), np.float32))
+    os.link(tmp_path / "scans" / "a.nii.gz", tmp_path / "scans" / "copy.nii.gz")
+    _, problems = scan_dataset(str(tmp_path / "scans"))
+    assert [str(p) for p in problems] == [f"{tmp_path / 'scans' / 'copy.nii.gz'}: is the same file as "
+                                          f"{tmp_path / 'scans' / 'a.nii.gz'} (case 'a') through a link: one scan "
+                                          "would count as two cases"]
