@@ -65,7 +65,7 @@ def test_init_loads_the_file_and_linear_mode_leaves_the_encoder_bitwise_unchange
     path, weights = _encoder_file(tmp_path / "encoder.safetensors")
     cfg = load_config("unetr_tiny", FINETUNE + ["train.max_steps=3", "optim.lr=1e-2", "optim.warmup_steps=0"])
     model = Segmenter(cfg.encoder, cfg.method.__class__(labels={0: "bg", 1: "cube", 2: "sphere"}))
-    report, _ = load_init(model.net.encoder, str(path), cfg)
+    report = load_init(model.net.encoder, str(path), cfg)
     assert "loaded 28 tensors, missing 0, unexpected 0" in report
     torch.testing.assert_close(model.net.vit.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"],
                                rtol=0, atol=0)  # before training: the file's weights

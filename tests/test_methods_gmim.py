@@ -232,7 +232,7 @@ def test_the_vit_variant_initialises_unetr_tiny(tmp_path):
     checkpoint.save_encoder(weights, {"encoder": cfg.encoder.__dict__, "method": "gmim"}, path)
     ft = load_config("unetr_tiny")
     segmenter = Segmenter(ft.encoder, ft.method.__class__(labels={0: "bg", 1: "x"}))
-    report, _ = load_init(segmenter.net.encoder, str(path), ft)
+    report = load_init(segmenter.net.encoder, str(path), ft)
     assert f"loaded {len(weights)} tensors, missing 0, unexpected 0" in report
 
 

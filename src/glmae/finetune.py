@@ -105,9 +105,9 @@ def _names(keys, n: int = 3) -> str:
     return f" ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})" if keys else ""
 
 
-def load_init(encoder: torch.nn.Module, init: str, cfg: Config) -> tuple[str, str | None]:
-    """Load `--init` into `encoder`; returns the report line (loaded, missing, unexpected) and a
-    warning when the encoder learnt from images of another intensity mode than the config's."""
+def load_init(encoder: torch.nn.Module, init: str, cfg: Config, say: bool = True) -> str:
+    """Load `--init` into `encoder`; returns the report line (loaded, missing, unexpected). A warning
+    (if `say`) when the encoder learnt from images of another intensity mode than the config's."""
     weights, arch, description, intensity = read_encoder_file(init)
     differences = architecture_mismatch(arch, cfg.encoder)
     if differences:
@@ -127,12 +127,11 @@ def load_init(encoder: torch.nn.Module, init: str, cfg: Config) -> tuple[str, st
         f"init: {init} ({description}): loaded {loaded} tensors, missing {len(missing)}{_names(missing)}, "
         f"unexpected {len(unexpected)}{_names(unexpected)}"
     )
-    mismatch = None
-    if intensity not in (None, "auto", cfg.data.intensity):
-        mismatch = (f"--init: the encoder was pre-trained on data.intensity={intensity} images, this fine-tuning "
-                    f"uses data.intensity={cfg.data.intensity}: pass --set data.intensity={intensity} if the images "
-                    f"are of the same kind")
-    return report, mismatch
+    if say and intensity not in (None, "auto", cfg.data.intensity):
+        warn(f"--init: the encoder was pre-trained on data.intensity={intensity} images, this fine-tuning uses "
+             f"data.intensity={cfg.data.intensity}: pass --set data.intensity={intensity} if the images are of the "
+             f"same kind", init)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +250,7 @@ def finetune(
         # preprocessing draws no random numbers, so the model may be built first)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = FINETUNING[cfg.method.name](cfg.encoder, cfg.method)
-        report, mismatch = load_init(model.net.encoder, init, cfg) if init != "none" and not resume else (None, None)
+        report = load_init(model.net.encoder, init, cfg, say=env.is_main) if init != "none" and not resume else None
         by_id = {c.id: c for c in dataset.cases}
         cases = {name: [by_id[i] for i in splits[name]] for name in ("train", "val")}
         task = (_classification if cfg.method.name == "classifier" else _segmentation)(data, cfg, env, cases)
@@ -260,8 +259,6 @@ def finetune(
             save_json(splits, out / "splits.json")
             if report:
                 print(report, file=sys.stderr, flush=True)
-            if mismatch:
-                warn(mismatch, init)
         samples = SampleDataset(task.items, model.sampler())
         validation = Validation(task.score, task.metric, task.prefix, env)
         model = fit(
