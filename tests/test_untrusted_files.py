@@ -180,7 +180,7 @@ def _exported(path: Path, good: Path) -> Path:
     return path
 
 
-ALL = tuple(COMMANDS)
+ALL = ("finetune --init", "evaluate", "predict", "export")  # the commands that read glmae's checkpoints
 BAD_CHECKPOINTS = [  # (name, file name, make(path, good checkpoint), message, commands refusing it)
     ("empty file", "best.pt", lambda p, g: p.write_bytes(b"") or p, "empty file (0 bytes), not a checkpoint", ALL),
     ("no config", "best.pt", _edited(lambda s: s.pop("config")),
@@ -204,7 +204,7 @@ def good_checkpoint(tmp_path_factory):
     return untrained_checkpoint(tmp_path_factory.mktemp("good") / "best.pt")
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", ALL)
 @pytest.mark.parametrize("name, filename, make, message, refusing", BAD_CHECKPOINTS,
                          ids=[b[0] for b in BAD_CHECKPOINTS])
 def test_a_bad_checkpoint_is_one_line_naming_it(name, filename, make, message, refusing, command, data,
@@ -236,3 +236,10 @@ def test_a_crafted_pickle_is_refused_on_a_short_line(data, tmp_path, run_cli):
     code, _, err = run_cli(*COMMANDS["evaluate"](evil, data, tmp_path / "out"))
     assert code == 2 and err.rstrip().endswith("(possibly malicious; not executed): it calls io.open"), err
     assert len(err) < 250, err  # torch's own text runs to 900 characters
+
+
+def test_an_empty_file_to_import_is_one_line_naming_it(data, tmp_path, run_cli):
+    (tmp_path / "weights.pth").write_bytes(b"")
+    code, _, err = run_cli(*COMMANDS["import"](tmp_path / "weights.pth", data, tmp_path / "out"))
+    assert (code, err) == (2, f"glmae: error: {tmp_path / 'weights.pth'}: empty file (0 bytes), not a checkpoint\n")
+    assert not (tmp_path / "out").exists()
