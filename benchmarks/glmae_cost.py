@@ -44,7 +44,7 @@ def step_time(model, batches, steps: int, dtype) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if hasattr(model, "after_step"):
-            model.after_step(i + 1, steps + 2)
+            model.after_step(i + 1, steps + 2, torch.ones(()))
         if i >= 2:  # the first steps build kernels
             times.append(time.perf_counter() - t)
     return float(np.median(times))

@@ -75,7 +75,7 @@ def apply(point: str, n: int) -> None:
             die()
         return fsync_dir(folder)
 
-    def after_step(self, step, total):
+    def after_step(self, step, total, applied):
         if point == "after-step" and step == n:
             die()
         if point == "slow":

@@ -132,7 +132,7 @@ def test_teacher_is_the_ema_of_the_student_and_gets_no_gradient():
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
     opt.step()
-    logs = model.after_step(1, 10)
+    logs = model.after_step(1, 10, torch.ones(()))
     m = momentum_at(0, 10, 0.996)
     assert logs["momentum"] == pytest.approx(m)
     student = {**{f"encoder.{k}": v for k, v in model.encoder.named_parameters()},

@@ -1,23 +1,31 @@
 """The training loop shared by every method. It does not know which method it trains.
 
 A method is an `nn.Module` whose `forward(batch)` returns `(loss, logs)` (logs: scalar tensors)
-and which may define `after_step(step, total) -> dict` (e.g. a momentum-teacher update) and
+and which may define `after_step(step, total, applied) -> dict` (e.g. a momentum-teacher update;
+`applied` is a 0-dim tensor on the device, 1.0 when the optimiser step was taken and 0.0 when the
+fp16 loss scaler skipped it, so an update can be scaled by it without a host sync) and
 `figure(batch, path)` (main process only, every `fig_every` steps and at the end). The caller
 may pass `evaluate(model, step) -> dict` (fine-tuning validation; called on every rank every
 `evaluate_every` steps and at the end, must return the same dict everywhere); with `best_metric`
 the step where it peaks is kept as `RUN/checkpoints/best.pt`.
 
 Per step (`Trainer.step`): learning rate from the schedule, `accum_steps` micro-batches under
-autocast (gradients synchronised across ranks on the last one), a non-finite check on every rank,
-gradient clipping, the optimiser step, `after_step`. Then the periodic work (`Trainer.periodic`):
-logs, validation, figures and the checkpoint `RUN/checkpoints/last.pt` (every `ckpt_every` steps,
-at the end and on SIGINT/SIGTERM). The learning-rate schedule is a pure function of the step, so
-the step is its whole state.
+autocast (gradients synchronised across ranks on the last one), gradient clipping, the optimiser
+step, `after_step`. The step never waits for the device: a non-finite loss is recorded on the
+device (the first step it happened), and the stop signal is shared over the host group. Then the
+periodic work (`Trainer.periodic`): whenever logs, validation, a figure or a checkpoint are due,
+the non-finite record is checked first (one host sync), so a non-finite loss stops the run before
+anything is logged or saved and the last checkpoint stays a good one. Then logs, validation,
+figures and the checkpoint `RUN/checkpoints/last.pt` (every `ckpt_every` steps, at the end and on
+SIGINT/SIGTERM). Under DDP, BatchNorm layers are synchronised (`distributed.SyncBatchNorm`), so K
+processes with batch B train as one process with batch K·B. The learning-rate schedule is a pure
+function of the step, so the step is its whole state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import signal
 import threading
@@ -117,6 +125,9 @@ class Trainer:
         self.start, self.best = 0, None
         self.sums: dict[str, torch.Tensor] = {}
         self.n_summed = 0
+        # the first step whose loss was not finite since the last check (inf: none), on the device
+        self.first_bad = torch.full((), math.inf, device=env.device)
+        self.applied = torch.ones((), device=env.device)  # the optimiser step was taken (no fp16 skip)
 
     # -- restore ------------------------------------------------------------------------------
 
@@ -163,7 +174,7 @@ class Trainer:
 
     def step(self, step: int, net: nn.Module, batches, lr: float, stop: _StopSignal) -> tuple[dict, bool]:
         """One optimiser step over `accum_steps` micro-batches; returns (the last batch, whether a
-        stop signal reached any rank)."""
+        stop signal reached any rank). Nothing here waits for the device."""
         env, accum = self.env, self.cfg.optim.accum_steps
         set_lr(self.optimizer, lr)
         for micro in range(accum):
@@ -172,24 +183,32 @@ class Trainer:
             with sync:
                 with autocast(env.device, self.dtype):
                     loss, logs = net(batch)
-                flags = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0, float(stop.received is not None)])
-                flags = distributed.all_reduce_mean(flags, env)
-                if flags[0] > 0:
-                    raise TrainingError(
-                        f"the loss became non-finite at step {step + 1}; last good checkpoint: "
-                        f"{self.last_path if self.last_path.exists() else 'none yet'}"
-                    )
                 self.scaler.scale(loss / accum).backward()
+            loss = loss.detach()
+            self.first_bad = torch.where(torch.isfinite(loss), self.first_bad, self.first_bad.clamp(max=step + 1))
             for key, value in {"loss": loss, **logs}.items():
                 self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
             self.n_summed += 1
-        if self.cfg.optim.clip_grad > 0:
+        if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
+            # the scaler skips the step when it found inf/NaN gradients; its record stays on the device
+            found_inf = sum(self.scaler._found_inf_per_device(self.optimizer).values())
+            self.applied = (found_inf == 0).float()
+        if self.cfg.optim.clip_grad > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return batch, bool(flags[1] > 0)
+        return batch, distributed.any_rank(stop.received is not None, env)
+
+    def check_finite(self) -> None:
+        """TrainingError if a loss since the last check was not finite on any rank (a host sync)."""
+        first = distributed.all_reduce_min(self.first_bad, self.env).item()
+        if math.isfinite(first):
+            raise TrainingError(
+                f"the loss became non-finite at step {int(first)}; last good checkpoint: "
+                f"{self.last_path if self.last_path.exists() else 'none yet'}"
+            )
 
     # -- periodic work ------------------------------------------------------------------------
 
@@ -197,7 +216,7 @@ class Trainer:
         """Means over the micro-steps since the last log and over the ranks."""
         keys = sorted(self.sums)
         means = distributed.all_reduce_mean(torch.stack([self.sums[k] for k in keys]) / self.n_summed, self.env)
-        logger.log(done, {**dict(zip(keys, means.tolist())), **extra, "lr": lr})
+        logger.log(done, {**dict(zip(keys, means.cpu().tolist())), **extra, "lr": lr})
         self.sums, self.n_summed = {}, 0
 
     def validate(self, done: int, logger: RunLogger, evaluate: Callable, best_metric: str | None) -> None:
@@ -217,15 +236,22 @@ class Trainer:
 
     def periodic(self, done: int, batch: dict, logger: RunLogger, extra: dict, lr: float, stopping: bool,
                  evaluate: Callable | None, evaluate_every: int, best_metric: str | None) -> None:
-        """After step `done`: log, validate, draw and checkpoint when each is due."""
+        """After step `done`: check the losses, then log, validate, draw and checkpoint when each is due."""
         train = self.cfg.train
-        if _every(done, train.log_every, self.total):
+        due_log = _every(done, train.log_every, self.total)
+        due_val = evaluate is not None and _every(done, evaluate_every, self.total)
+        due_fig = hasattr(self.model, "figure") and _every(done, train.fig_every, self.total)
+        due_ckpt = _every(done, train.ckpt_every, self.total) or stopping
+        if not (due_log or due_val or due_fig or due_ckpt):
+            return
+        self.check_finite()
+        if due_log:
             self.log(done, logger, extra, lr)
-        if evaluate is not None and _every(done, evaluate_every, self.total):
+        if due_val:
             self.validate(done, logger, evaluate, best_metric)
-        if hasattr(self.model, "figure") and self.env.is_main and _every(done, train.fig_every, self.total):
+        if due_fig and self.env.is_main:
             self.figure(done, batch)
-        if _every(done, train.ckpt_every, self.total) or stopping:
+        if due_ckpt:
             self.save(done)
 
 
@@ -245,6 +271,8 @@ def fit(
 ) -> nn.Module:
     """Train `model` on samples of `dataset`; returns the trained model (unwrapped)."""
     total = cfglib.steps_for_epochs(cfg, len(dataset), env.world_size)
+    if env.distributed:
+        model = distributed.convert_sync_batchnorm(model)
     trainer = Trainer(model, cfg, run_dir, env, name, groups, total)
     if resume:
         trainer.restore()
@@ -265,7 +293,7 @@ def fit(
                 lr = lr_at(step, total, peak, cfg.optim.warmup_steps, cfg.optim.min_lr)
                 batch, stopping = trainer.step(step, net, batches, lr, stop)
                 done = step + 1
-                extra = model.after_step(done, total) if hasattr(model, "after_step") else {}
+                extra = model.after_step(done, total, trainer.applied) if hasattr(model, "after_step") else {}
                 logger.advance(done)
                 trainer.periodic(done, batch, logger, extra, lr, stopping, evaluate, evaluate_every, best_metric)
                 if stopping:

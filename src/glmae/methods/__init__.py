@@ -2,8 +2,8 @@
 
 Each method is an `nn.Module` built as `Method(encoder_cfg, method_cfg)` with `sampler()` (a pure
 `(volume, rng) -> sample` function run in DataLoader workers), `forward(batch) -> (loss, logs)`,
-optional `after_step(step, total)` and `figure(batch, path)`, and an `export_encoder` whose weights
-become `encoder.safetensors`.
+optional `after_step(step, total, applied)` (see `glmae.engine.trainer`) and `figure(batch, path)`,
+and an `export_encoder` whose weights become `encoder.safetensors`.
 """
 
 from glmae.methods.classification import Classifier, ClassifierConfig

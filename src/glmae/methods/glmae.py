@@ -245,14 +245,15 @@ class GLMAE(MaskedAutoencoder):
         self.center.mul_(m).add_(batch_center / count, alpha=1 - m)
 
     @torch.no_grad()
-    def after_step(self, step: int, total: int) -> dict:
-        """EMA update of the teacher after optimiser step `step` (1-based)."""
+    def after_step(self, step: int, total: int, applied: torch.Tensor) -> dict:
+        """EMA update of the teacher after optimiser step `step` (1-based); none when the step was
+        skipped (`applied` 0, the fp16 loss scaler's overflow), without reading `applied` on the host."""
         if not self.consistency:
             return {}
         m = momentum_at(step - 1, total, self.cfg.momentum)
         student = list(self.encoder.parameters()) + list(self.head.parameters())
         teacher = list(self.teacher["encoder"].parameters()) + list(self.teacher["head"].parameters())
-        torch._foreach_lerp_(teacher, student, 1.0 - m)
+        torch._foreach_lerp_(teacher, student, applied * (1.0 - m))
         self.momentum = m
         return {"momentum": m}
 
