@@ -82,10 +82,13 @@ def config_cmd(
     name: Annotated[str, typer.Argument(help="Packaged config name or YAML file.")],
     set_: SetOpt = None,
 ):
-    """Print the resolved configuration as YAML."""
+    """Print the resolved configuration as YAML, after a comment line with the effective peak lr."""
     from glmae.config import dump_yaml
+    from glmae.engine.optim import describe_peak_lr
 
-    typer.echo(dump_yaml(_config(name, set_)), nl=False)
+    cfg = _config(name, set_)
+    typer.echo(describe_peak_lr(cfg))
+    typer.echo(dump_yaml(cfg), nl=False)
 
 
 @app.command()

@@ -119,6 +119,7 @@ class OptimConfig:
     lr_scaling: str = "linear"  # linear: lr x effective batch / 256 | none: lr as given
     min_lr: float = 0.0
     warmup_steps: int = 0
+    warmup_epochs: float = 0.0  # if > 0: the warm-up is this many epochs (overrides warmup_steps)
     weight_decay: float = 0.05  # not applied to norms, biases and embeddings-free parameters
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float = 0.0  # max gradient norm; 0 disables
@@ -142,6 +143,8 @@ class TrainConfig:
     ckpt_every: int = 100
     fig_every: int = 0  # 0: only at the end
     val_every: int = 0  # fine-tuning: validate every N steps; 0: only at the end
+    grad_checkpoint: bool = False  # recompute each ViT block's activations in the backward pass
+    compile: bool = False  # torch.compile the model (the first steps compile it)
 
 
 @dataclass
@@ -380,9 +383,20 @@ def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def global_batch(cfg: Config, world_size: int = 1) -> int:
+    """Samples per optimiser step over all processes: batch_size x accum_steps x processes."""
+    return cfg.train.batch_size * cfg.optim.accum_steps * world_size
+
+
 def steps_for_epochs(cfg: Config, samples_per_epoch: int, world_size: int) -> int:
     """Optimiser steps of the run: `train.max_steps`, or `train.epochs` worth of samples."""
     if cfg.train.epochs > 0:
-        global_batch = cfg.train.batch_size * cfg.optim.accum_steps * world_size
-        return max(1, math.ceil(cfg.train.epochs * samples_per_epoch / global_batch))
+        return max(1, math.ceil(cfg.train.epochs * samples_per_epoch / global_batch(cfg, world_size)))
     return cfg.train.max_steps
+
+
+def warmup_steps(cfg: Config, samples_per_epoch: int, world_size: int) -> int:
+    """Warm-up steps: `optim.warmup_steps`, or `optim.warmup_epochs` worth of samples."""
+    if cfg.optim.warmup_epochs > 0:
+        return max(1, math.ceil(cfg.optim.warmup_epochs * samples_per_epoch / global_batch(cfg, world_size)))
+    return cfg.optim.warmup_steps

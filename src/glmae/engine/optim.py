@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from glmae.config import OptimConfig
+from glmae.config import Config, OptimConfig, global_batch
 
 
 def no_decay(name: str, param: torch.Tensor) -> bool:
@@ -54,6 +54,16 @@ def peak_lr(cfg: OptimConfig, effective_batch: int) -> float:
     if cfg.lr_scaling == "none":
         return cfg.lr
     raise ValueError(f"optim.lr_scaling must be 'linear' or 'none', not {cfg.lr_scaling!r}")
+
+
+def describe_peak_lr(cfg: Config) -> str:
+    """One comment line for `glmae config`: the effective peak lr of one process and how it comes about."""
+    batch, peak = global_batch(cfg), peak_lr(cfg.optim, global_batch(cfg))
+    parts = f"batch_size {cfg.train.batch_size} x accum_steps {cfg.optim.accum_steps} x 1 process"
+    if cfg.optim.lr_scaling == "linear":
+        return (f"# effective peak lr {peak:.4g} = optim.lr {cfg.optim.lr:g} x global batch {batch} / 256 "
+                f"({parts}; linear scaling: K processes give K times it)")
+    return f"# effective peak lr {peak:.4g} = optim.lr (lr_scaling none: the same at any batch; global batch {batch})"
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_lr: float = 0.0) -> float:

@@ -282,7 +282,8 @@ def fit(
         net = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     stream = SampleStream(len(dataset), cfg.train.seed, cfg.train.batch_size, env.rank, env.world_size, start * accum)
     batches = iter(make_loader(dataset, stream, cfg.data.num_workers, pin_memory=env.device.type == "cuda"))
-    peak = peak_lr(cfg.optim, cfg.train.batch_size * accum * env.world_size)
+    peak = peak_lr(cfg.optim, cfglib.global_batch(cfg, env.world_size))
+    warmup = cfglib.warmup_steps(cfg, len(dataset), env.world_size)
     logger = RunLogger(run_dir, total, start, name, enabled=env.is_main)
     if start:
         logger.message(f"resumed from {trainer.last_path} at step {start}")
@@ -290,7 +291,7 @@ def fit(
     with _StopSignal() as stop:
         try:
             for step in range(start, total):
-                lr = lr_at(step, total, peak, cfg.optim.warmup_steps, cfg.optim.min_lr)
+                lr = lr_at(step, total, peak, warmup, cfg.optim.min_lr)
                 batch, stopping = trainer.step(step, net, batches, lr, stop)
                 done = step + 1
                 extra = model.after_step(done, total, trainer.applied) if hasattr(model, "after_step") else {}
