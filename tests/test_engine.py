@@ -111,7 +111,7 @@ def test_ranks_split_what_one_process_sees():
 
 def test_stream_resumes_mid_run():
     full = take(SampleStream(5, 0, batch_size=2), 10)
-    assert take(SampleStream(5, 0, batch_size=2, start=3), 4) == full[6:10]
+    assert take(SampleStream(5, 0, batch_size=2, start=6), 4) == full[6:10]
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -200,8 +200,34 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 def test_resume_refuses_a_changed_config(tmp_path):
     train(tiny_cfg("train.max_steps=2"), tmp_path)
-    with pytest.raises(InputError, match="optim.lr"):
-        train(tiny_cfg("train.max_steps=4", "optim.lr=0.5"), tmp_path, resume=True)
+    with pytest.raises(InputError, match="optim.weight_decay"):
+        train(tiny_cfg("train.max_steps=4", "optim.weight_decay=0.5"), tmp_path, resume=True)
+
+
+def test_resume_with_another_schedule_warns_and_replans_from_the_step(tmp_path, capsys):
+    train(tiny_cfg("train.max_steps=2"), tmp_path)
+    capsys.readouterr()
+    train(tiny_cfg("train.max_steps=4", "optim.lr=0.002"), tmp_path, resume=True)
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("glmae: warning:")]
+    assert len(warning) == 1 and "last.pt: --resume changes the schedule" in warning[0]
+    assert "optim.lr 0.001 -> 0.002" in warning[0] and "train.max_steps 2 -> 4" in warning[0]
+    assert "re-planned from step 2 (now 4 steps)" in warning[0]
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+    assert read_log(tmp_path / "log.jsonl")[2]["lr"] == pytest.approx(lr_at(2, 4, 0.002, 2))
+
+
+def test_resume_with_another_batch_continues_the_samples_and_the_epochs(tmp_path, capsys):
+    # 4 epochs of 3 volumes = 12 samples: 6 steps of 2; stopped after 4 steps (8 samples), the
+    # 4 samples left take 2 steps of 3 (their stream goes on from sample 8)
+    cfg = tiny_cfg("train.epochs=4", "train.ckpt_every=100")
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path, model_cls=StopsItself)
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["samples"] == 8
+    capsys.readouterr()
+    train(tiny_cfg("train.epochs=4", "train.ckpt_every=100", "train.batch_size=3"), tmp_path, resume=True)
+    assert "train.batch_size 2 -> 3" in capsys.readouterr().err
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert (state["step"], state["samples"]) == (6, 14)
 
 
 class GoesNaN(MAE3D):

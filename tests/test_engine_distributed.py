@@ -196,7 +196,7 @@ def test_a_step_skipped_by_the_loss_scaler_leaves_weights_and_teacher_unchanged(
     torch.manual_seed(0)
     model = InfGradientAt(cfg.encoder, cfg.method)
     samples = SampleDataset(volumes(), model.sampler())
-    trainer = Trainer(model, cfg, tmp_path, distributed.init("cpu"), "train", None, 3)
+    trainer = Trainer(model, cfg, tmp_path, distributed.init("cpu"), "train", None, len(samples))
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=4.0)  # what fp16 runs use
     batches = iter(torch.utils.data.DataLoader(samples, batch_size=2, sampler=[(i % 4, i) for i in range(8)]))
     stop = types.SimpleNamespace(received=None)

@@ -2,10 +2,11 @@
 
 Sample number g of the run (counting over micro-steps and ranks) is a pure function of
 (seed, g): its item is position g mod N of the permutation for epoch g div N, and its random
-augmentation uses the seed derived from (seed, g). Micro-step m covers samples
-[m·B·W, (m+1)·B·W) of which rank r takes the slice [r·B, (r+1)·B). Consequences: resuming at
-step k just starts the stream at micro-step k·accum; W ranks with batch B see exactly what one
-process with batch W·B sees; the number of DataLoader workers changes nothing.
+augmentation uses the seed derived from (seed, g). A stream starting at sample S gives micro-step m
+the samples [S + m·B·W, S + (m+1)·B·W), of which rank r takes the slice [r·B, (r+1)·B).
+Consequences: resuming just starts the stream at the samples consumed so far (with another batch
+too); W ranks with batch B see exactly what one process with batch W·B sees; the number of
+DataLoader workers changes nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def sample_seed(seed: int, index: int) -> int:
 
 
 class SampleStream(Sampler):
-    """Infinite stream of (item index, sample seed) for one rank, starting at micro-step `start`."""
+    """Infinite stream of (item index, sample seed) for one rank, from sample number `start` of the run."""
 
     def __init__(self, n_items: int, seed: int, batch_size: int, rank: int = 0, world_size: int = 1, start: int = 0):
         if n_items < 1:
@@ -35,10 +36,10 @@ class SampleStream(Sampler):
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        micro = self.start
+        micro = 0
         epoch, perm = -1, None
         while True:
-            first = micro * self.batch * self.world + self.rank * self.batch
+            first = self.start + micro * self.batch * self.world + self.rank * self.batch
             for g in range(first, first + self.batch):
                 if g // self.n != epoch:
                     epoch = g // self.n

@@ -26,7 +26,7 @@ from glmae import config as cfglib
 from glmae.config import Config
 from glmae.engine import checkpoint, distributed
 from glmae.engine.distributed import DistEnv
-from glmae.engine.trainer import RESUMABLE_CHANGES
+from glmae.engine.trainer import SCHEDULE_FIELDS
 from glmae.errors import InputError, warn
 
 # ----------------------------------------------------------------------------------------------
@@ -35,9 +35,9 @@ from glmae.errors import InputError, warn
 
 def check_run_dir(out: Path, resume: bool, cfg: Config) -> bool:
     """Refuse to overwrite an existing run, to resume none, or to resume one with another config
-    (beyond its length); writes nothing. Returns whether to continue from checkpoints/last.pt:
-    False for a new run, and for --resume of a run killed before its first checkpoint, which starts
-    again from step 0."""
+    (beyond its schedule, `trainer.SCHEDULE_FIELDS`); writes nothing. Returns whether to continue
+    from checkpoints/last.pt: False for a new run, and for --resume of a run killed before its first
+    checkpoint, which starts again from step 0."""
     last, recorded = out / "checkpoints" / "last.pt", out / "config.yaml"
     started = last.exists() or recorded.exists()
     if resume and not started:
@@ -49,7 +49,7 @@ def check_run_dir(out: Path, resume: bool, cfg: Config) -> bool:
         if before["data"]["intensity"] == "auto":  # recorded before auto was resolved: it resolved alike
             before["data"]["intensity"] = cfg.data.intensity
         changed = cfglib.differences(cfglib.to_dict(cfg), before)
-        changed = [k for k in changed if k not in RESUMABLE_CHANGES]
+        changed = [k for k in changed if k not in SCHEDULE_FIELDS]
         if changed:
             raise InputError(f"--resume: the configuration differs from the run's in {', '.join(changed[:5])}",
                              recorded)

@@ -45,10 +45,12 @@ from glmae.engine.distributed import DistEnv
 from glmae.engine.logger import RunLogger
 from glmae.engine.optim import build_optimizer, lr_at, param_groups, peak_lr, set_lr
 from glmae.engine.precision import amp_dtype, autocast
-from glmae.errors import InputError, Interrupted, TrainingError
+from glmae.errors import InputError, Interrupted, TrainingError, warn
 
-# fields a resumed run may change: how long it runs
-RESUMABLE_CHANGES = {"train.max_steps", "train.epochs"}
+# the fields a resumed run may change: those of the schedule, which is then re-planned from the
+# step it resumes at (a warning says so); any other change is refused
+SCHEDULE_FIELDS = {"train.max_steps", "train.epochs", "train.batch_size", "optim.accum_steps", "optim.lr",
+                   "optim.lr_scaling", "optim.min_lr", "optim.warmup_steps", "optim.warmup_epochs"}
 
 
 def to_device(batch, device: torch.device):
@@ -105,6 +107,14 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}"""
+    out = {}
+    for key, value in tree.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
 def _every(done: int, interval: int, total: int) -> bool:
     """Periodic work after step `done`: every `interval` steps (0: never) and at the end."""
     return done == total or (interval > 0 and done % interval == 0)
@@ -114,15 +124,17 @@ class Trainer:
     """The state of one training run and its three parts: `restore`, `step`, `periodic`."""
 
     def __init__(self, model: nn.Module, cfg: Config, run_dir: Path, env: DistEnv, name: str,
-                 groups: list[dict] | None, total: int):
-        self.model, self.cfg, self.env, self.name, self.total = model, cfg, env, name, total
+                 groups: list[dict] | None, n_items: int):
+        self.model, self.cfg, self.env, self.name, self.n_items = model, cfg, env, name, n_items
+        self.total = cfglib.steps_for_epochs(cfg, n_items, env.world_size)
+        self.global_batch = cfglib.global_batch(cfg, env.world_size)
         self.run_dir = Path(run_dir)
         self.last_path = self.run_dir / "checkpoints" / "last.pt"
         self.dtype = amp_dtype(cfg.train.amp, env.device)
         model.to(env.device)
         self.optimizer = build_optimizer(groups or param_groups(model, cfg.optim.weight_decay), cfg.optim)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.dtype is torch.float16)
-        self.start, self.best = 0, None
+        self.start, self.samples, self.best = 0, 0, None  # steps and samples (all ranks) done before this run
         self.sums: dict[str, torch.Tensor] = {}
         self.n_summed = 0
         # the first step whose loss was not finite since the last check (inf: none), on the device
@@ -134,20 +146,34 @@ class Trainer:
     def restore(self) -> None:
         """Weights, optimiser, loss scaler, best metric and this rank's random state of last.pt."""
         state = checkpoint.load(self.last_path)
-        changed = [k for k in cfglib.differences(cfglib.to_dict(self.cfg), state["config"])
-                   if k not in RESUMABLE_CHANGES]
-        if changed:
-            raise InputError(f"--resume: the configuration differs from the checkpoint's in {', '.join(changed[:5])}",
+        before = state["config"]
+        changed = cfglib.differences(cfglib.to_dict(self.cfg), before)
+        refused = [k for k in changed if k not in SCHEDULE_FIELDS]
+        if refused:
+            raise InputError(f"--resume: the configuration differs from the checkpoint's in {', '.join(refused[:5])}",
+                             self.last_path)
+        rngs = state["rng"]
+        if len(rngs) != self.env.world_size:
+            raise InputError(f"--resume: the run used {len(rngs)} processes, now {self.env.world_size}",
                              self.last_path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.start, self.best = state["step"], state.get("best")
-        rngs = state["rng"]
-        if len(rngs) != self.env.world_size:
-            raise InputError(f"--resume: the run used {len(rngs)} processes, now {self.env.world_size}",
-                             self.last_path)
+        # checkpoints before `samples` recorded micro-steps of a batch that could not change
+        self.samples = state["samples"] if "samples" in state else (
+            state["data_position"] * before["train"]["batch_size"] * len(rngs))
         set_rng_state(rngs[self.env.rank])
+        if self.cfg.train.epochs > 0:  # the samples left of the run, at the batch it now has
+            left = self.cfg.train.epochs * self.n_items - self.samples
+            self.total = self.start + max(0, math.ceil(left / self.global_batch))
+        if changed and self.env.is_main:
+            old = {k: v for k, v in _flat(before).items() if k in changed}
+            new = {k: v for k, v in _flat(cfglib.to_dict(self.cfg)).items() if k in changed}
+            what = ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in changed)
+            warn(f"--resume changes the schedule ({what}): the learning-rate and momentum schedules are "
+                 f"re-planned from step {self.start} (now {self.total} steps), so the run does not continue "
+                 f"as it started", self.last_path)
         if self.start >= self.total:
             raise InputError(f"--resume: the run already finished ({self.start} of {self.total} steps)",
                              self.last_path)
@@ -160,7 +186,7 @@ class Trainer:
                     "kind": self.name,
                     "config": cfglib.to_dict(self.cfg),
                     "step": step,
-                    "data_position": step * self.cfg.optim.accum_steps,  # micro-steps the sample stream consumed
+                    "samples": self.samples + (step - self.start) * self.global_batch,  # the stream consumed
                     "model": self.model.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "scaler": self.scaler.state_dict(),
@@ -270,17 +296,16 @@ def fit(
     best_metric: str | None = None,
 ) -> nn.Module:
     """Train `model` on samples of `dataset`; returns the trained model (unwrapped)."""
-    total = cfglib.steps_for_epochs(cfg, len(dataset), env.world_size)
     if env.distributed:
         model = distributed.convert_sync_batchnorm(model)
-    trainer = Trainer(model, cfg, run_dir, env, name, groups, total)
+    trainer = Trainer(model, cfg, run_dir, env, name, groups, len(dataset))
     if resume:
         trainer.restore()
-    accum, start = cfg.optim.accum_steps, trainer.start
+    start, total = trainer.start, trainer.total
     net = model
     if env.distributed:
         net = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    stream = SampleStream(len(dataset), cfg.train.seed, cfg.train.batch_size, env.rank, env.world_size, start * accum)
+    stream = SampleStream(len(dataset), cfg.train.seed, cfg.train.batch_size, env.rank, env.world_size, trainer.samples)
     batches = iter(make_loader(dataset, stream, cfg.data.num_workers, pin_memory=env.device.type == "cuda"))
     peak = peak_lr(cfg.optim, cfglib.global_batch(cfg, env.world_size))
     warmup = cfglib.warmup_steps(cfg, len(dataset), env.world_size)
