@@ -252,3 +252,41 @@ def test_amp_choice():
         amp_dtype("fp16", cpu)
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     assert amp_dtype("auto", cpu) is (torch.bfloat16 if amx else None)
+
+
+# --- activation checkpointing and torch.compile: the plain path's losses ----------------------
+
+
+def test_grad_checkpoint_recomputes_the_blocks_and_gives_the_same_losses(tmp_path, monkeypatch):
+    from glmae.models.vit import Block
+
+    cfg = ["train.max_steps=3", "train.fig_every=0", "encoder.drop_path=0.2"]  # drop-path draws replayed too
+    train(tiny_cfg(*cfg), tmp_path / "plain")
+    calls = []
+    forward = Block._forward
+    monkeypatch.setattr(Block, "_forward", lambda self, x: calls.append(torch.is_grad_enabled()) or forward(self, x))
+    model = train(tiny_cfg(*cfg, "train.grad_checkpoint=true"), tmp_path / "checkpointed")
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    assert blocks and all(b.grad_checkpoint for b in blocks)
+    assert sum(calls) == 3 * 2 * len(blocks)  # each block's forward again in the backward pass
+    assert losses(tmp_path / "checkpointed") == losses(tmp_path / "plain")
+
+
+def test_compiled_model_gives_the_same_losses(tmp_path, monkeypatch):
+    # the compiled graphs of dynamo and AOTAutograd; inductor's kernels take minutes to build on 2
+    # cores, so their losses are compared by benchmarks/train_options.py
+    compiled = []
+
+    def compile(model, **kwargs):
+        compiled.append(model)
+        return real(model, backend="aot_eager")
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", compile)
+    train(tiny_cfg("train.max_steps=3", "train.fig_every=0"), tmp_path / "plain")
+    train(tiny_cfg("train.max_steps=3", "train.fig_every=0", "train.compile=true"), tmp_path / "compiled")
+    assert len(compiled) == 1
+    plain, fast = losses(tmp_path / "plain"), losses(tmp_path / "compiled")
+    assert sorted(fast) == [1, 2, 3]
+    for step in plain:
+        assert fast[step] == pytest.approx(plain[step], rel=1e-5), step

@@ -281,6 +281,15 @@ class Trainer:
             self.save(done)
 
 
+def set_grad_checkpoint(model: nn.Module) -> int:
+    """Activation checkpointing in every block of `model` that offers it (a `grad_checkpoint`
+    attribute, as the ViT's blocks); returns how many do."""
+    blocks = [m for m in model.modules() if hasattr(m, "grad_checkpoint")]
+    for block in blocks:
+        block.grad_checkpoint = True
+    return len(blocks)
+
+
 def fit(
     model: nn.Module,
     cfg: Config,
@@ -298,6 +307,8 @@ def fit(
     """Train `model` on samples of `dataset`; returns the trained model (unwrapped)."""
     if env.distributed:
         model = distributed.convert_sync_batchnorm(model)
+    if cfg.train.grad_checkpoint and not set_grad_checkpoint(model) and env.is_main:
+        warn(f"train.grad_checkpoint: {type(model).__name__} has no blocks that checkpoint their activations")
     trainer = Trainer(model, cfg, run_dir, env, name, groups, len(dataset))
     if resume:
         trainer.restore()
@@ -305,6 +316,8 @@ def fit(
     net = model
     if env.distributed:
         net = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    if cfg.train.compile:
+        net = torch.compile(net)  # the first steps compile; DDP inside, so graphs split at its buckets
     stream = SampleStream(len(dataset), cfg.train.seed, cfg.train.batch_size, env.rank, env.world_size, trainer.samples)
     batches = iter(make_loader(dataset, stream, cfg.data.num_workers, pin_memory=env.device.type == "cuda"))
     peak = peak_lr(cfg.optim, cfglib.global_batch(cfg, env.world_size))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from monai.networks.layers import DropPath
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from glmae.config import EncoderConfig, register_encoder
 from glmae.errors import InputError
@@ -127,7 +128,14 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    With `grad_checkpoint` set (the engine sets it from `train.grad_checkpoint`), a block that
+    computes gradients keeps only its input and recomputes its activations in the backward pass
+    (with the same drop-path draws): less memory for about one more forward pass.
+    """
+
+    grad_checkpoint = False
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path=0.0):
         super().__init__()
@@ -138,6 +146,11 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
