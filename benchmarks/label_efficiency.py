@@ -16,18 +16,14 @@ The run is resumable: each pre-training and each fine-tuning cell lives in its o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+from protocol import run_cells, spread
 from provenance import command, machine
 
 from glmae.engine.run import run_stage
@@ -40,6 +36,7 @@ HERE = Path(__file__).parent
 class Setting:
     pool: int  # unlabelled pre-training phantoms
     train: int  # labelled training phantoms (100%)
+    val: int  # validation phantoms: they pick each cell's best checkpoint
     test: int  # held-out test phantoms
     shape: tuple[int, int, int]
     pretrain_steps: int
@@ -66,10 +63,10 @@ FINETUNE = "unetr_phantom"
 # 3000 pre-training steps: GL-MAE's gain over scratch at 25%, paired by seed, was +2.9 ± 5.1 points
 # after 1000 steps and +5.9 ± 4.2 after 3000 (MAE3D's +2.6 ± 2.9 and -0.0 ± 1.5).
 SETTINGS = {
-    "full": Setting(pool=48, train=4, test=8, shape=(64, 64, 48), pretrain_steps=3000, finetune_steps=400,
+    "full": Setting(pool=48, train=4, val=4, test=8, shape=(64, 64, 48), pretrain_steps=3000, finetune_steps=400,
                     seeds=(0, 1, 2), fractions=(0.25, 0.5, 1.0), finetune_set=("train.val_every=100",)),
     "smoke": Setting(
-        pool=2, train=2, test=1, shape=(32, 32, 24), pretrain_steps=2, finetune_steps=2, seeds=(0,),
+        pool=2, train=2, val=1, test=1, shape=(32, 32, 24), pretrain_steps=2, finetune_steps=2, seeds=(0,),
         fractions=(0.5,), methods=("scratch", "glmae"), linear=False,
         pretrain_set={"glmae": ("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "method.global_size=[32,32,32]",
                                 "method.local_size=[16,16,16]", "method.n_local=2")},
@@ -86,7 +83,7 @@ def pretrain_cell(method: str, s: Setting, pool: Path, work: Path) -> Path:
     run = work / "pretrain" / method
     overrides = [*s.pretrain_set.get(method, ()), f"train.max_steps={s.pretrain_steps}", "train.epochs=0"]
     cfg = load_config(CONFIGS[method], overrides)
-    run_stage("pretrain", run, pretrain, cfg, str(pool), run)
+    run_stage("pretrain", run, pretrain, cfg, str(pool))
     return run / "encoder.safetensors"
 
 
@@ -107,52 +104,9 @@ def finetune_cell(method: str, mode: str, fraction: float, seed: int, s: Setting
             overrides.append("optim.lr=1e-2")  # the papers' linear-probing rate
         cfg = load_config(FINETUNE, overrides)
         init = str(encoders[method]) if method != "scratch" else "none"
-        run_stage("finetune", run, finetune, cfg, str(data), run, init=init, mode=mode, label_fraction=fraction,
+        run_stage("finetune", run, finetune, cfg, str(data), init=init, mode=mode, label_fraction=fraction,
                   split_seed=seed)
     return json.loads(metrics.read_text())
-
-
-def _cell(threads: int, log: Path, fn, *args):
-    """Run one cell in a worker process with its own thread budget and log file."""
-    torch.set_num_threads(threads)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        return fn(*args)
-
-
-def run_cells(cells: list[tuple], jobs: int, work: Path):
-    """Yield (key, result) for cells [(key, fn, args)] in order; with jobs > 1 they run concurrently
-    in worker processes sharing the cores (two 1-thread cells on 2 cores do ~1.3x the work of one
-    2-thread cell: the tiny networks do not keep two threads busy), logging to WORK/logs/. A failing
-    cell or Ctrl-C cancels the remaining cells but the few already queued to the workers; the running
-    ones finish (on Ctrl-C: checkpoint and stop) and the next invocation resumes."""
-    if jobs == 1:
-        for key, fn, args in cells:
-            yield key, fn(*args)
-        return
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    omp = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # read when a worker loads torch
-    try:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {key: pool.submit(_cell, threads, work / "logs" / f"{'_'.join(map(str, key))}.log", fn, *args)
-                       for key, fn, args in cells}
-            try:
-                for key, future in futures.items():
-                    yield key, future.result()
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
-    finally:
-        if omp is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = omp
-
-
-def spread(values: list[float]) -> dict:
-    """Mean and sample standard deviation over seeds (0 for a single seed)."""
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
 def summarise(cells: dict) -> list[dict]:
@@ -277,7 +231,7 @@ def main(argv=None) -> dict:
         keys = [k for k in keys if (cell_dir(args.work, *k) / "metrics.json").exists()]
         data, encoders = None, {}
     else:
-        pool, data = write_study(args.work / "data", s.pool, s.train, s.test, s.shape)
+        pool, data = write_study(args.work / "data", s.pool, s.train, s.val, s.test, s.shape)
         pretrain = [(("pretrain", m), pretrain_cell, (m, s, pool, args.work)) for m in s.methods if m != "scratch"]
         encoders = {key[1]: path for key, path in run_cells(pretrain, args.jobs, args.work)}
     finetune = [(k, finetune_cell, (*k, s, data, args.work, encoders)) for k in keys]

@@ -29,3 +29,18 @@ def machine() -> str:
 def command(script: str, argv: list[str] | None) -> str:
     """The command line that reproduces this invocation: `python benchmarks/<script> <args>`."""
     return " ".join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def commit() -> str:
+    """The git commit of the checkout the benchmark ran from, `+dirty` when files tracked by git had
+    changes (the result then belongs to no commit exactly); 'unknown' outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

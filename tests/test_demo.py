@@ -1,5 +1,6 @@
 """`glmae demo` end to end on a reduced plan (the real plans take minutes)."""
 
+import json
 import re
 
 import pytest
@@ -10,7 +11,7 @@ from glmae.synth import LABELS
 
 SMALL = ("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "train.log_every=1")
 TINY_PLAN = Plan(
-    pool=2, train=1, test=1, shape=(32, 32, 24), pretrain_steps=2, finetune_steps=2, validations=1,
+    pool=2, train=1, val=1, test=1, shape=(32, 32, 24), pretrain_steps=2, finetune_steps=2, validations=1,
     pretrain_set=(*SMALL, "method.global_size=[32,32,32]", "method.local_size=[16,16,16]", "method.n_local=2"),
     finetune_set=(*SMALL, "method.roi=[32,32,24]"),
 )
@@ -31,6 +32,12 @@ def test_demo_writes_a_report_with_every_organ_both_models_and_its_figures(tmp_p
             "figures/reconstruction.png"} <= set(figures)
     for figure in figures:
         assert (report.parent / figure).stat().st_size > 1000, figure
+    # checkpoints picked on validation, Dice reported on test cases nothing was chosen on
+    splits = json.loads((out / "finetune_glmae" / "splits.json").read_text())
+    assert splits["val"] and splits["test"] and not set(splits["val"]) & set(splits["test"])
+    for name in ("glmae", "scratch"):
+        scored = [c["case"] for c in json.loads((out / f"metrics_{name}.json").read_text())["per_case"]]
+        assert scored == splits["test"]
     # a second run finds every training stage done and only rewrites the report
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/last.pt")}
     assert len(stamps) == 3

@@ -189,3 +189,16 @@ def test_refuses_foreign_or_different_folder(tmp_path, run_cli):
     assert code == 2 and "--shape" in err
     with pytest.raises(InputError, match="--seed"):
         write_dataset(tmp_path / "neg", cases=1, seed=-1, shape=(32, 32, 24))
+
+
+def test_a_study_has_four_disjoint_sets(tmp_path):
+    from glmae.synth.study import write_study
+
+    pool, finetune = write_study(tmp_path, pool=2, train=2, val=1, test=2, shape=(16, 16, 16))
+    listing = json.loads(finetune.read_text())
+    sets = [{c["image"] for c in entries} for entries in
+            (json.loads(pool.read_text())["training"], listing["training"], listing["validation"], listing["test"])]
+    assert [len(s) for s in sets] == [2, 2, 1, 2]
+    assert len(set.union(*sets)) == 7  # no case in two sets
+    with pytest.raises(ValueError):
+        write_study(tmp_path / "none", pool=2, train=2, val=0, test=2, shape=(16, 16, 16))

@@ -34,7 +34,8 @@ class Plan:
 
     pool: int  # unlabelled pre-training cases
     train: int  # labelled fine-tuning cases
-    test: int  # held-out test cases
+    val: int  # validation cases: they pick each fine-tuning's best checkpoint
+    test: int  # held-out test cases: reported, never chosen on
     shape: tuple[int, int, int]  # phantom shape: 64 x 64 x 48 is the tiny configs' 3 x 3 x 4 mm
     pretrain_steps: int
     finetune_steps: int
@@ -48,8 +49,8 @@ class Plan:
 
 # Pre-training and fine-tuning at the phantom scale (configs `glmae_phantom`, `unetr_phantom`).
 # Measured (2 cores): --quick 1.9 min, full 11.2 min.
-QUICK = Plan(pool=16, train=3, test=4, shape=(64, 64, 48), pretrain_steps=100, finetune_steps=110)
-FULL = Plan(pool=48, train=4, test=8, shape=(64, 64, 48), pretrain_steps=1200, finetune_steps=600, validations=6)
+QUICK = Plan(pool=16, train=3, val=2, test=4, shape=(64, 64, 48), pretrain_steps=100, finetune_steps=110)
+FULL = Plan(pool=48, train=4, val=4, test=8, shape=(64, 64, 48), pretrain_steps=1200, finetune_steps=600, validations=6)
 
 
 def _dice_table(metrics: dict[str, dict]) -> list[str]:
@@ -100,7 +101,7 @@ def _figures(out: Path, metrics: dict, runs: dict[str, Path], pretrain_run: Path
 
     # one test case predicted by both models, beside its ground truth
     dataset = load_dataset(data)
-    case = dataset.split("validation")[0]
+    case = dataset.split("test")[0]
     maps = {}
     image = None
     for name, run in runs.items():
@@ -125,7 +126,8 @@ def write_report(out: Path, plan: Plan, metrics: dict, figs: dict, seconds: floa
         "",
         f"Synthetic abdominal CT phantoms ({plan.shape[0]}x{plan.shape[1]}x{plan.shape[2]} voxels, {spacing} mm): "
         f"{plan.pool} unlabelled cases for pre-training, {plan.train} labelled cases for fine-tuning, "
-        f"{plan.test} held-out test cases. GL-MAE (`{plan.pretrain_config}`) pre-trained for "
+        f"{plan.val} validation cases that pick each fine-tuning's best checkpoint, {plan.test} held-out test "
+        f"cases that nothing was chosen on. GL-MAE (`{plan.pretrain_config}`) pre-trained for "
         f"{plan.pretrain_steps} steps; UNETR (`{plan.finetune_config}`) fine-tuned for {plan.finetune_steps} "
         f"steps from the GL-MAE encoder and from scratch, with the same labels and budget. "
         f"Wall time {seconds / 60:.1f} min.",
@@ -189,10 +191,10 @@ def demo(out: str | Path, quick: bool = False, plan: Plan | None = None) -> Path
                 print(f"demo [{i + 1}/{len(stages)}] {stages[i]}", flush=True)
 
         stage(0)
-        pool, labelled = write_study(out / "data", plan.pool, plan.train, plan.test, plan.shape, plan.seed)
+        pool, labelled = write_study(out / "data", plan.pool, plan.train, plan.val, plan.test, plan.shape, plan.seed)
         stage(1)
         pre_cfg = load_config(plan.pretrain_config, [*plan.pretrain_set, f"train.max_steps={plan.pretrain_steps}"])
-        run_stage("pretrain", out / "pretrain", pretrain, pre_cfg, str(pool), out / "pretrain")
+        run_stage("pretrain", out / "pretrain", pretrain, pre_cfg, str(pool))
         ft_cfg = load_config(
             plan.finetune_config,
             [*plan.finetune_set, f"train.max_steps={plan.finetune_steps}",
@@ -202,12 +204,12 @@ def demo(out: str | Path, quick: bool = False, plan: Plan | None = None) -> Path
             [("GL-MAE", str(out / "pretrain" / "encoder.safetensors")), ("scratch", "none")], start=2
         ):
             stage(i)
-            run_stage("finetune", runs[name], finetune, ft_cfg, str(labelled), runs[name],
-                   init=init, mode="e2e", label_fraction=1.0, split_seed=plan.seed)
+            run_stage("finetune", runs[name], finetune, ft_cfg, str(labelled), init=init, mode="e2e",
+                      label_fraction=1.0, split_seed=plan.seed)
         stage(4)
         metrics = {
             name: evaluate(run / "checkpoints" / "best.pt", str(labelled), out / f"metrics_{run.name[9:]}.json",
-                           split="val")
+                           split="test")
             for name, run in runs.items()
         }
         stage(5)

@@ -10,13 +10,16 @@
   naming the file, a checkpoint without config or whose weights do not match it);
   `check_data_fits`: a fine-tuned model against a data set (labels, modality).
 - `run_stage`: a training stage that is skipped once finished and resumed when interrupted (the
-  demo and the benchmarks chain several).
+  demo and the benchmarks chain several), and run anew when its inputs changed (`stage_digest`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import shutil
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -71,17 +74,81 @@ def create_run_dir(out: Path, cfg: Config, env: DistEnv) -> None:
     distributed.barrier(env)
 
 
-def run_stage(kind: str, run: Path, fn, *args, **kwargs) -> None:
-    """Run a training stage (`fn(*args, **kwargs, resume=...)`) unless it finished; resume it if it
-    was interrupted. A pre-training stage is finished when RUN/encoder.safetensors exists, a
-    fine-tuning one when RUN/metrics.json does."""
+def run_stage(kind: str, run: Path, fn, cfg: Config, data: str, **options) -> None:
+    """Run a training stage, `fn(cfg, data, run, **options, resume=...)`, unless it finished; resume
+    it if it was interrupted. A pre-training stage is finished when RUN/encoder.safetensors exists, a
+    fine-tuning one when RUN/metrics.json does.
+
+    RUN/stage.json records a digest of everything the stage's result depends on (`stage_digest`):
+    a folder made with another config, other data or other options is removed and the stage run
+    anew, with a line saying so, so a changed setting is never served from a stale folder. So is a
+    folder without stage.json (it cannot show what made it). stage.json also records the stage's
+    wall time once it finished (of the invocation that finished it: `resumed` says whether an
+    earlier one did part of the work)."""
+    digest = stage_digest(kind, cfg, data, options)
+    record = run / "stage.json"
+    if run.exists():
+        before = json.loads(record.read_text()) if record.is_file() else {}
+        if before.get("digest") != digest:
+            print(f"{run}: made with another setting (config, data or options): starting it again", flush=True)
+            shutil.rmtree(run)
     done = run / ("encoder.safetensors" if kind == "pretrain" else "metrics.json")
     if done.exists():
         return
     resume = (run / "checkpoints" / "last.pt").exists()
     if not resume and run.exists():
         shutil.rmtree(run)  # a stage that died before its first checkpoint starts over
-    fn(*args, **kwargs, resume=resume)
+    run.mkdir(parents=True, exist_ok=True)
+    checkpoint.save_json({"kind": kind, "digest": digest}, record)
+    start = time.time()
+    fn(cfg, data, run, **options, resume=resume)
+    checkpoint.save_json({"kind": kind, "digest": digest, "seconds": time.time() - start, "resumed": resume}, record)
+
+
+def stage_digest(kind: str, cfg: Config, data: str, options: dict) -> str:
+    """SHA-256 of a stage's inputs: its kind, resolved config, data set (`data_digest`) and options,
+    an option naming a file (an --init encoder) by the file's content."""
+    def value(v):
+        return file_digest(Path(v)) if isinstance(v, (str, Path)) and Path(v).is_file() else v
+
+    key = {"kind": kind, "config": cfglib.to_dict(cfg), "data": data_digest(data),
+           "options": {k: value(v) for k, v in sorted(options.items())}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_digest(data: str) -> str:
+    """SHA-256 of a data set as glmae reads it: its declared modalities, labels, regions and
+    findings, and each case's id, split, findings, patient and the contents of its files (a
+    datalist's own text too, so a changed list is a changed data set)."""
+    from glmae.data.formats import load_dataset
+
+    dataset = load_dataset(data)
+    h = hashlib.sha256()
+    if Path(data).is_file():
+        h.update(file_digest(Path(data)).encode())
+    meta = [dataset.modalities, sorted(dataset.labels.items()), sorted(dataset.regions.items()), dataset.findings]
+    h.update(json.dumps(meta, default=str).encode())
+    for case in dataset.cases:
+        files = [file_digest(p) for p in (*case.images, *([case.label] if case.label else []))]
+        findings = sorted(case.findings) if case.findings is not None else None
+        h.update(json.dumps([case.id, case.split, findings, case.patient, files]).encode())
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content, remembered per (path, size, mtime) within a process."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple, str] = {}
 
 
 # ----------------------------------------------------------------------------------------------

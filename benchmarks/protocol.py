@@ -1,0 +1,113 @@
+"""The evidence protocol every benchmark follows.
+
+- Four disjoint sets of cases (`glmae.synth.study.write_study`): an unlabelled pre-training pool,
+  labelled training cases, validation cases and test cases. A fine-tuning picks its best checkpoint
+  on validation only; `test_scores` then evaluates that checkpoint, and the last one (which involves
+  no selection at all), once on the test cases.
+- Each cell is a `glmae.engine.run.run_stage`, keyed by a digest of its config, data and options,
+  so a changed setting is recomputed, never served from a stale folder.
+- `paired`: seed-paired differences with a 95% t-interval; nothing is said to help unless the
+  interval excludes 0.
+- `run_cells`: the cells of a benchmark, run in worker processes sharing the cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+
+def test_scores(run: Path, data: str) -> dict:
+    """{"best": metrics, "last": metrics} of a finished fine-tuning RUN on the data set's `test`
+    list: `checkpoints/best.pt` (picked on validation) and `checkpoints/last.pt`, each evaluated
+    once and kept as RUN/test_best.json and RUN/test_last.json (a recomputed stage removes them with
+    its folder)."""
+    from glmae.evaluate import evaluate
+
+    scores = {}
+    for which in ("best", "last"):
+        path = run / f"test_{which}.json"
+        if not path.is_file():
+            with contextlib.redirect_stdout(None):
+                evaluate(run / "checkpoints" / f"{which}.pt", data, path, split="test")
+        scores[which] = json.loads(path.read_text())
+    return scores
+
+
+def spread(values: list[float]) -> dict:
+    """Mean and sample standard deviation over seeds (0 for a single seed)."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def paired(a: dict, b: dict) -> dict | None:
+    """a − b over the seeds both have ({seed: score}), with its 95% t-interval (None below 2 seeds)
+    and how many seeds favour a. A seed fixes the labelled subset and the initialisation, so
+    pairing removes what two cells of one seed share (an easy subset, a slow start). None if no seed
+    is shared."""
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = np.array([a[s] - b[s] for s in seeds], dtype=float)
+    n = len(d)
+    ci = None
+    if n > 1:
+        half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / np.sqrt(n))
+        ci = [float(d.mean()) - half, float(d.mean()) + half]
+    return {"diff_mean": float(d.mean()), "ci95": ci, "n_seeds": n, "n_favour": int((d > 0).sum()),
+            "seeds": [int(s) for s in seeds], "values": [float(v) for v in d]}
+
+
+def verdict(comparison: dict) -> str:
+    """'helps' / 'hurts' when the 95% interval excludes 0, else 'no evidence either way'."""
+    ci = comparison["ci95"]
+    if ci is None:
+        return "too few seeds for an interval"
+    return "helps" if ci[0] > 0 else "hurts" if ci[1] < 0 else "no evidence either way"
+
+
+def _cell(threads: int, log: Path, fn, *args):
+    """Run one cell in a worker process with its own thread budget and log file."""
+    import torch
+
+    torch.set_num_threads(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        return fn(*args)
+
+
+def run_cells(cells: list[tuple], jobs: int, work: Path):
+    """Yield (key, result) for cells [(key, fn, args)] in order; with jobs > 1 they run concurrently
+    in worker processes sharing the cores (two 1-thread cells on 2 cores do ~1.3x the work of one
+    2-thread cell: the tiny networks do not keep two threads busy), logging to WORK/logs/. A failing
+    cell or Ctrl-C cancels the remaining cells but the few already queued to the workers; the running
+    ones finish (on Ctrl-C: checkpoint and stop) and the next invocation resumes."""
+    if jobs == 1:
+        for key, fn, args in cells:
+            yield key, fn(*args)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    omp = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read when a worker loads torch
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {key: pool.submit(_cell, threads, work / "logs" / f"{'_'.join(map(str, key))}.log", fn, *args)
+                       for key, fn, args in cells}
+            try:
+                for key, future in futures.items():
+                    yield key, future.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+    finally:
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp

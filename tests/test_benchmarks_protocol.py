@@ -1,0 +1,44 @@
+"""The evidence protocol's statistics and provenance."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import protocol  # noqa: E402
+import provenance  # noqa: E402
+
+
+def test_paired_differences_and_their_t_interval_by_hand():
+    a = {0: 0.50, 1: 0.40, 2: 0.62, 3: 0.30}
+    b = {0: 0.45, 1: 0.41, 2: 0.52, 3: 0.20, 9: 0.99}  # seed 9 has no partner: left out
+    c = protocol.paired(a, b)
+    d = np.array([0.05, -0.01, 0.10, 0.10])
+    half = stats.t.ppf(0.975, 3) * d.std(ddof=1) / 2
+    assert c["seeds"] == [0, 1, 2, 3] and c["n_seeds"] == 4 and c["n_favour"] == 3
+    assert c["diff_mean"] == pytest.approx(d.mean())
+    assert c["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+    assert protocol.verdict(c) == "no evidence either way"  # the interval (-0.02, 0.14) holds 0
+
+
+def test_verdict_needs_the_interval_to_exclude_zero():
+    helps = protocol.paired({s: 0.5 + 0.01 * s for s in range(5)}, {s: 0.4 for s in range(5)})
+    assert helps["ci95"][0] > 0 and protocol.verdict(helps) == "helps"
+    hurts = protocol.paired({s: 0.4 for s in range(5)}, {s: 0.5 + 0.01 * s for s in range(5)})
+    assert protocol.verdict(hurts) == "hurts"
+    one = protocol.paired({0: 0.9}, {0: 0.1})
+    assert one["ci95"] is None and protocol.verdict(one) == "too few seeds for an interval"
+    assert protocol.paired({0: 0.9}, {1: 0.1}) is None
+
+
+def test_spread():
+    assert protocol.spread([0.2, 0.4]) == pytest.approx({"mean": 0.3, "std": np.std([0.2, 0.4], ddof=1)})
+    assert protocol.spread([0.2]) == {"mean": 0.2, "std": 0.0}
+
+
+def test_commit_names_this_checkout():
+    commit = provenance.commit()
+    assert commit == "unknown" or len(commit.split("+")[0]) == 40
