@@ -32,14 +32,14 @@ def command(script: str, argv: list[str] | None) -> str:
 
 
 def commit() -> str:
-    """The git commit of the checkout the benchmark ran from, `+dirty` when files tracked by git had
-    changes (the result then belongs to no commit exactly); 'unknown' outside a git checkout."""
+    """The git commit of the checkout the benchmark ran from, `+dirty` when it had changes or files
+    not yet committed (the result then belongs to no commit exactly); 'unknown' outside a git checkout."""
     import subprocess
 
     root = Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root,
                                capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
