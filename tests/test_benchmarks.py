@@ -31,22 +31,29 @@ def test_label_efficiency_smoke_setting_writes_a_results_table(tmp_path):
     data = json.loads((tmp_path / "results" / "label_efficiency_smoke.json").read_text())
     rows = data["results"]
     assert {(r["method"], r["mode"], r["fraction"]) for r in rows} == {("scratch", "e2e", 0.5), ("glmae", "e2e", 0.5)}
-    for r in rows:
-        assert 0.0 <= r["mean"] <= 1.0 and r["seeds"] == [0] and r["std"] == 0.0
+    for r in rows + data["results_last"]:
+        assert 0.0 <= r["mean"] <= 1.0 and r["seeds"] == [0] and r["std"] == 0.0 and r["split"] == "test"
+    assert data["complete"] and data["commit"] and data["wall_minutes"] > 0
     assert [(r["method"], len(r["dice"])) for r in data["per_organ"]] == [("glmae", 13), ("scratch", 13)]
     md = (tmp_path / "results" / "label_efficiency_smoke.md").read_text()
     assert "| liver |" in md  # the per-organ table
     assert "| Sup. UNETR (scratch) |" in md and "| GL-MAE |" in md and "e2e 50%" in md
-    assert "| GL-MAE e2e 50% − Sup. UNETR (scratch) e2e 50% |" in md  # the paired differences
-    assert [d["a"] for d in data["differences"]] == [["glmae", "e2e", 0.5]]
+    assert "| GL-MAE − Sup. UNETR (scratch) | e2e | 50% |" in md  # the paired differences
+    (c,) = data["comparisons"]
+    assert (c["a"], c["b"], c["fraction"], c["ci95"]) == ("glmae", "scratch", 0.5, None)  # one seed: no interval
+    # scored once on the test phantoms, with checkpoints picked on the validation ones
+    cell = tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0"
+    splits = json.loads((cell / "splits.json").read_text())
+    scored = [c["case"] for c in json.loads((cell / "test_best.json").read_text())["per_case"]]
+    assert scored == splits["test"] and not set(splits["val"]) & set(scored)
     assert (tmp_path / "results" / "label_efficiency_smoke.png").stat().st_size > 1000
     logs = {p.name for p in (tmp_path / "work" / "logs").glob("*.log")}  # each cell ran in a worker
     assert logs == {"pretrain_glmae.log", "scratch_e2e_0.5_0.log", "glmae_e2e_0.5_0.log"}
     assert "finetune step 2/2" in (tmp_path / "work" / "logs" / "glmae_e2e_0.5_0.log").read_text()
     # resumable: a second invocation finds every cell done
-    stamp = (tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0" / "metrics.json").stat().st_mtime_ns
+    stamp = (cell / "metrics.json").stat().st_mtime_ns
     bench.main(work)
-    assert (tmp_path / "work" / "finetune" / "glmae_e2e_0.5_seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    assert (cell / "metrics.json").stat().st_mtime_ns == stamp
     # a cell killed before its first checkpoint starts over
     scratch = tmp_path / "work" / "finetune" / "scratch_e2e_0.5_seed0"
     shutil.rmtree(scratch / "checkpoints")
@@ -78,10 +85,13 @@ def test_label_efficiency_report_only_summarises_done_cells_without_training(tmp
     for method, dice in (("scratch", 0.2), ("glmae", 0.4)):
         cell = bench.cell_dir(work, method, "e2e", 0.5, 0)
         cell.mkdir(parents=True)
-        (cell / "metrics.json").write_text(json.dumps({"mean_dice": dice, "per_class": {"liver": dice}}))
+        for which, d in (("best", dice), ("last", dice / 2)):
+            (cell / f"test_{which}.json").write_text(json.dumps({"mean_dice": d, "per_class": {"liver": d}}))
     bench.main(["--setting", "smoke", "--work", str(work), "--results", str(tmp_path / "results"), "--report-only"])
-    rows = json.loads((tmp_path / "results" / "label_efficiency_smoke.json").read_text())["results"]
-    assert {r["method"]: r["mean"] for r in rows} == {"scratch": 0.2, "glmae": 0.4}
+    data = json.loads((tmp_path / "results" / "label_efficiency_smoke.json").read_text())
+    assert {r["method"]: r["mean"] for r in data["results"]} == {"scratch": 0.2, "glmae": 0.4}
+    assert {r["method"]: r["mean"] for r in data["results_last"]} == {"scratch": 0.1, "glmae": 0.2}
+    assert data["complete"] and data["cells_done"] == 2
     assert "_notes.md" not in (tmp_path / "results" / "label_efficiency_smoke.md").read_text()
     # hand-written notes beside the report survive a rerun and are linked from it
     notes = tmp_path / "results" / "label_efficiency_smoke_notes.md"
@@ -93,23 +103,41 @@ def test_label_efficiency_report_only_summarises_done_cells_without_training(tmp
     assert not (work / "pretrain").exists() and not (work / "data").exists()
 
 
-def test_label_efficiency_differences_pair_cells_by_seed():
+def test_label_efficiency_report_only_of_an_unfinished_run_says_partial(tmp_path):
+    bench = load("label_efficiency")
+    cell = bench.cell_dir(tmp_path / "work", "scratch", "e2e", 0.5, 0)
+    cell.mkdir(parents=True)
+    for which in ("best", "last"):
+        (cell / f"test_{which}.json").write_text(json.dumps({"mean_dice": 0.3, "per_class": {"liver": 0.3}}))
+    results = tmp_path / "results"
+    bench.main(["--setting", "smoke", "--work", str(tmp_path / "work"), "--results", str(results), "--report-only"])
+    data = json.loads((results / "label_efficiency_smoke.json").read_text())
+    assert not data["complete"] and (data["cells_done"], data["cells_planned"]) == (1, 2)
+    assert "**PARTIAL: 1 of 2 cells done**" in (results / "label_efficiency_smoke.md").read_text()
+
+
+def test_label_efficiency_comparisons_pair_cells_by_seed():
     bench = load("label_efficiency")
     cells = {("scratch", "e2e", 0.25): {0: 0.30, 1: 0.20, 2: 0.40},
-             ("scratch", "e2e", 1.0): {0: 0.40, 1: 0.25, 2: 0.50},
+             ("mae3d", "e2e", 0.25): {0: 0.31, 1: 0.22, 2: 0.35},
              ("glmae", "e2e", 0.25): {0: 0.35, 1: 0.30},  # seed 2 not done yet
              ("glmae", "linear", 1.0): {0: 0.1}}  # no scratch linear cell to pair with
-    diffs = bench.differences(cells)
-    assert [(d["a"], d["b"], d["seeds"]) for d in diffs] == [
-        (["scratch", "e2e", 1.0], ["scratch", "e2e", 0.25], [0, 1, 2]),
-        (["glmae", "e2e", 0.25], ["scratch", "e2e", 0.25], [0, 1])]
-    calibration, gain = diffs
-    assert calibration["values"] == pytest.approx([0.10, 0.05, 0.10])
-    assert calibration["mean"] == pytest.approx(0.25 / 3)
-    assert calibration["std"] == pytest.approx(0.0288675, abs=1e-6)  # the seed spread of each row is 0.1
-    assert gain["values"] == pytest.approx([0.05, 0.10])
-    assert bench.difference_lines(diffs)[2] == (
-        "| Sup. UNETR (scratch) e2e 100% − Sup. UNETR (scratch) e2e 25% | +8.3 ± 2.9 | +10.0, +5.0, +10.0 |")
+    comps = bench.comparisons(cells)
+    assert [(c["a"], c["b"], c["seeds"]) for c in comps] == [
+        ("mae3d", "scratch", [0, 1, 2]), ("glmae", "scratch", [0, 1]), ("glmae", "mae3d", [0, 1])]
+    assert comps[1]["values"] == pytest.approx([0.05, 0.10]) and comps[1]["n_favour"] == 2
+    assert comps[0]["n_favour"] == 2 and comps[0]["verdict"] == "no evidence either way"
+    assert bench.comparison_lines(comps)[3].startswith("| GL-MAE − Sup. UNETR (scratch) | e2e | 25% | +7.5 | [")
+
+
+def test_label_efficiency_ablation_turns_consistency_off_and_keeps_the_rest():
+    from glmae.config import differences, load_config, to_dict
+
+    bench = load("label_efficiency")
+    full = load_config(bench.CONFIGS["glmae"])
+    ablated = load_config(bench.CONFIGS["glmae_nocons"], bench.ABLATIONS["glmae_nocons"])
+    assert sorted(differences(to_dict(full), to_dict(ablated))) == ["method.cons_g2g", "method.cons_l2g"]
+    assert not ablated.method.cons_g2g and not ablated.method.cons_l2g
 
 
 def test_label_efficiency_pretrains_at_the_fine_tuning_scale():
@@ -120,12 +148,12 @@ def test_label_efficiency_pretrains_at_the_fine_tuning_scale():
     bench = load("label_efficiency")
     s = bench.SETTINGS["full"]
     tune = load_config(bench.FINETUNE, s.finetune_set)
-    for method in ("mae3d", "glmae", "gmim"):
+    for method in ("mae3d", "glmae", "glmae_nocons", "gmim"):
         pre = load_config(bench.CONFIGS[method], s.pretrain_set.get(method, ()))
         assert pre.data.spacing == tune.data.spacing, method
         # one ViT for every method and for UNETR (which adds stochastic depth)
         assert dataclasses.replace(pre.encoder, drop_path=tune.encoder.drop_path) == tune.encoder, method
-        views = pre.method.global_size if method == "glmae" else pre.method.roi
+        views = pre.method.global_size if method.startswith("glmae") else pre.method.roi
         assert tuple(views) == tuple(tune.method.roi), method  # a token covers the same anatomy
 
 
