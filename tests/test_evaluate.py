@@ -95,3 +95,20 @@ def test_an_unwritable_out_is_refused_before_any_case_is_read(where, model_check
     err = one_error(*evaluate(run_cli, model_checkpoint, root, out)[::2], named=out)
     assert ("--out: is a folder; expected a file" if where == "a folder" else f"--out: {tmp_path / 'file'} is a file, "
             "not a folder") in err
+
+
+def test_evaluate_writes_hd95_and_nsd_beside_dice_at_the_given_tolerance(model_checkpoint, tmp_path, run_cli):
+    root = clean_dataset(tmp_path / "data")
+    code, out, err = run_cli("evaluate", "--checkpoint", model_checkpoint, "--data", root, "--split", "all",
+                             "--out", tmp_path / "m.json", "--nsd-tolerance", "2.5")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["nsd_tolerance_mm"] == 2.5 and "NSD (2.5 mm)" in out and "HD95" in out
+    assert set(metrics["per_class_hd95"]) == set(metrics["per_class_nsd"]) == {"spleen"}
+    assert all(set(row) == {"case", "dice", "hd95", "nsd"} for row in metrics["per_case"])
+    header, *rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert header == "case,class,dice,hd95_mm,nsd" and len(rows) == metrics["n_cases"]
+    assert (tmp_path / "m.png").stat().st_size > 0
+    code, _, err = run_cli("evaluate", "--checkpoint", model_checkpoint, "--data", root, "--out", tmp_path / "n.json",
+                           "--nsd-tolerance", "-1")
+    assert code == 2 and err.startswith("glmae: error: --nsd-tolerance: expected millimetres >= 0"), err

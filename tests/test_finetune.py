@@ -123,8 +123,9 @@ def test_pretrain_finetune_evaluate_through_the_cli(tmp_path, run_cli):
                            "--split", "val", "--out", out)
     assert code == 0, err
     evaluated = json.loads(out.read_text())
-    assert evaluated["per_case"] == metrics["per_case"]  # the run's validation split, the same model
-    assert out.with_suffix(".csv").read_text().splitlines()[0] == "case,class,dice"
+    # the run's validation split, the same model; evaluate adds the surface metrics
+    assert [{k: r[k] for k in ("case", "dice")} for r in evaluated["per_case"]] == metrics["per_case"]
+    assert out.with_suffix(".csv").read_text().splitlines()[0] == "case,class,dice,hd95_mm,nsd"
     assert out.with_suffix(".png").is_file()
 
 

@@ -33,3 +33,20 @@ def test_region_dice_per_channel():
     truth = torch.tensor([[[[1, 1, 0]]], [[[0, 0, 0]]]], dtype=torch.uint8)
     pred = torch.tensor([[[[1, 0, 0]]], [[[0, 0, 0]]]], dtype=torch.uint8)
     assert case_dice(pred, truth, cfg) == pytest.approx({"WT": 2 / 3, "ET": 1.0})
+
+
+def test_case_surface_per_class_and_per_region_in_mm():
+    from glmae.methods.validation import case_surface
+
+    truth = torch.zeros(1, 12, 12, 12, dtype=torch.uint8)
+    truth[0, 3:7, 3:7, 3:7] = 1  # liver; no spleen, no kidney
+    pred = torch.roll(truth, 2, dims=1)  # the liver 2 voxels off along x
+    pred[0, 9:11, 9:11, 9:11] = 2  # a false spleen
+    scores = case_surface(pred, truth, (1.5, 1.0, 1.0), CFG)
+    assert scores["hd95"] == {"liver": pytest.approx(3.0), "spleen": None, "kidney": None}
+    assert scores["nsd"]["spleen"] == 0.0 and scores["nsd"]["kidney"] is None
+    cfg = SegmentationConfig(labels={0: "background"}, regions={"WT": [1, 2], "ET": [2]}, nsd_tolerance=3.0)
+    regions = torch.cat([truth, torch.zeros_like(truth)])
+    shifted = torch.cat([pred.clamp(max=1) * (pred == 1), torch.zeros_like(truth)])
+    scores = case_surface(shifted, regions, (1.5, 1.0, 1.0), cfg)
+    assert scores == {"hd95": {"WT": pytest.approx(3.0), "ET": None}, "nsd": {"WT": 1.0, "ET": None}}

@@ -154,11 +154,13 @@ def evaluate(
     data: Annotated[str, typer.Option("--data", help="Data set with labels.")],
     out: Annotated[Path, typer.Option("--out", help="Metrics JSON to write (CSV and PNG beside it).")],
     split: Annotated[str, typer.Option("--split", help="val, test or all.")] = "val",
+    nsd_tolerance: Annotated[float | None, typer.Option(
+        "--nsd-tolerance", help="Surface Dice tolerance in mm (default: method.nsd_tolerance, 1).")] = None,
 ):
-    """Per-case and per-class Dice of a fine-tuned model on a data set split."""
+    """Per-case and per-class Dice, HD95 (mm) and normalised surface Dice of a fine-tuned model on a data set split."""
     from glmae.evaluate import evaluate as run
 
-    run(checkpoint, data, out, split=split)
+    run(checkpoint, data, out, split=split, nsd_tolerance=nsd_tolerance)
 
 
 @app.command()

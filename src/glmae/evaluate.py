@@ -1,10 +1,15 @@
-"""`glmae evaluate`: per-case and per-class Dice of a fine-tuned model on a split of a data set, or
-for a classifier of radiographs the AUC per finding.
+"""`glmae evaluate`: per-case and per-class Dice, HD95 and normalised surface Dice of a fine-tuned
+model on a split of a data set, or for a classifier of radiographs the AUC per finding.
 
-The metrics (see `glmae.methods.validation` for the conventions) go to METRICS.json:
+The metrics (see `glmae.methods.validation` and `glmae.metrics.surface` for the conventions: HD95 in
+mm, NSD at `--nsd-tolerance` mm, default the config's `method.nsd_tolerance`, null where undefined)
+go to METRICS.json:
     {"mean_dice": 0.81, "per_class": {"spleen": 0.93, ...}, "n_cases": 6,
-     "per_case": [{"case": "case_0003", "dice": {"spleen": 0.95, ...}}, ...]}
-with a CSV (case, class, dice) and a per-class bar chart beside it. A classifier's
+     "mean_hd95": 3.2, "per_class_hd95": {"spleen": 2.1, ...}, "n_defined_hd95": {"spleen": 6, ...},
+     "mean_nsd": 0.88, "per_class_nsd": {...}, "n_defined_nsd": {...}, "nsd_tolerance_mm": 1.0,
+     "per_case": [{"case": "case_0003", "dice": {"spleen": 0.95, ...}, "hd95": {...}, "nsd": {...}}, ...]}
+with a CSV (case, class, dice, hd95_mm, nsd; an undefined value empty) and a per-class bar chart
+(Dice and NSD; HD95) beside it. A classifier's
 (`glmae.metrics.classification`):
     {"mean_auc": 0.86, "per_class": {"Effusion": 0.91, ...}, "undefined": [], "n_cases": 40,
      "positives": {"Effusion": 8, ...},
@@ -20,6 +25,7 @@ checkpoint's labels.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -31,20 +37,34 @@ SPLITS = ("val", "test", "all")
 
 
 def write_metrics(metrics: dict, path: Path, title: str = "") -> None:
-    """METRICS.json, METRICS.csv (case, class, dice) and METRICS.png (per-class bar chart)."""
-    from glmae.figures import bar_figure
+    """METRICS.json, METRICS.csv (case, class, dice[, hd95_mm, nsd]) and METRICS.png (per-class bar
+    chart), the surface columns and panel when the metrics hold them."""
+    from glmae.figures import bar_figure, surface_bar_figure
 
     path = Path(path)
     save_json(metrics, path)
+    surface = "mean_hd95" in metrics
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "class", "dice"])
+    writer.writerow(["case", "class", "dice"] + (["hd95_mm", "nsd"] if surface else []))
     for row in metrics["per_case"]:
         for name, value in row["dice"].items():
-            writer.writerow([row["case"], name, f"{value:.6f}"])
+            extra = [_cell(row["hd95"][name]), _cell(row["nsd"][name])] if surface else []
+            writer.writerow([row["case"], name, f"{value:.6f}"] + extra)
     atomic_write(path.with_suffix(".csv"), lambda f: f.write(buf.getvalue().encode()))
     title = f"{title}mean Dice {metrics['mean_dice']:.3f} over {metrics['n_cases']} case(s)"
-    bar_figure(metrics["per_class"], path.with_suffix(".png"), title=title, ylabel="Dice")
+    if not surface:
+        bar_figure(metrics["per_class"], path.with_suffix(".png"), title=title, ylabel="Dice")
+        return
+    nsd = {n: (v if v is not None else 0.0) for n, v in metrics["per_class_nsd"].items()}
+    title += f", mean HD95 {_cell(metrics['mean_hd95'], '.2f') or 'undefined'} mm"
+    surface_bar_figure({"Dice": metrics["per_class"], f"NSD ({metrics['nsd_tolerance_mm']:g} mm)": nsd},
+                       metrics["per_class_hd95"], path.with_suffix(".png"), title=title)
+
+
+def _cell(value: float | None, fmt: str = ".6f") -> str:
+    """A score for the CSV: empty when undefined."""
+    return "" if value is None else format(value, fmt)
 
 
 def write_classification_metrics(metrics: dict, path: Path, title: str = "") -> None:
@@ -101,8 +121,9 @@ def split_cases(checkpoint: Path, dataset, split: str) -> list:
     return cases
 
 
-def evaluate(checkpoint: Path, data: str, out: Path, split: str = "val") -> dict:
-    """`glmae evaluate`: metrics of a fine-tuned model on a split of `data`, written to `out`."""
+def evaluate(checkpoint: Path, data: str, out: Path, split: str = "val", nsd_tolerance: float | None = None) -> dict:
+    """`glmae evaluate`: metrics of a fine-tuned model on a split of `data`, written to `out`;
+    NSD at `nsd_tolerance` mm (None: the checkpoint config's `method.nsd_tolerance`)."""
     from glmae.data.formats import load_dataset
     from glmae.engine.distributed import DistEnv, pick_device
     from glmae.engine.run import check_data_fits, load_finetuned, load_volumes
@@ -114,7 +135,11 @@ def evaluate(checkpoint: Path, data: str, out: Path, split: str = "val") -> dict
         check_writable(path, "--out")
     if out.suffix in (".csv", ".png"):
         raise InputError("--out: name the metrics file .json (the CSV and PNG are written beside it)", out)
+    if nsd_tolerance is not None and not nsd_tolerance >= 0:
+        raise InputError(f"--nsd-tolerance: expected millimetres >= 0, got {nsd_tolerance}")
     cfg, model = load_finetuned(checkpoint)
+    if nsd_tolerance is not None and cfg.method.name != "classifier":
+        cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, nsd_tolerance=nsd_tolerance))
     dataset = load_dataset(data)
     if cfg.method.name != "classifier":
         check_data_fits(cfg, dataset, checkpoint)
@@ -126,9 +151,12 @@ def evaluate(checkpoint: Path, data: str, out: Path, split: str = "val") -> dict
     labels = ", ".join(f"{v} {cfg.method.labels.get(v, 'background')}" for v in sorted(declared))
     _, volumes = load_volumes(data, cfg, env, with_label=True, cases=cases, label_values=declared,
                               labels_from=f"the checkpoint's labels ({labels})")
-    metrics = evaluate_volumes(model.net.to(env.device), volumes, cfg, env.device)
+    metrics = evaluate_volumes(model.net.to(env.device), volumes, cfg, env.device, surface=True)
     write_metrics(metrics, out, title=f"{split}: ")
-    print(f"mean Dice {metrics['mean_dice']:.4f} over {metrics['n_cases']} case(s) -> {out}")
+    hd95 = "undefined" if metrics["mean_hd95"] is None else f"{metrics['mean_hd95']:.2f} mm"
+    nsd = "undefined" if metrics["mean_nsd"] is None else f"{metrics['mean_nsd']:.4f}"
+    print(f"mean Dice {metrics['mean_dice']:.4f}, HD95 {hd95}, NSD ({cfg.method.nsd_tolerance:g} mm) {nsd} "
+          f"over {metrics['n_cases']} case(s) -> {out}")
     return metrics
 
 

@@ -106,23 +106,48 @@ def grouped_bar_figure(series: dict[str, dict[str, float]], path: Path, title: s
     """Bars per category for each named series (e.g. Dice per organ for two models), side by side."""
     plt = pyplot()
     names = list(next(iter(series.values())))
-    width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(names) * max(1, len(series) * 0.7) + 1.5), 3.5))
+    _bars(ax, series, ylabel, top=1.08)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save(fig, path)
+    plt.close(fig)
+
+
+def surface_bar_figure(overlap: dict[str, dict[str, float]], hd95: dict[str, float | None], path: Path,
+                       title: str = "") -> None:
+    """Two panels per class: overlap scores in [0, 1] side by side (Dice, NSD), and HD95 in mm
+    (a class without a defined HD95 has no bar)."""
+    plt = pyplot()
+    names = list(next(iter(overlap.values())))
+    width = max(3.0, 0.5 * len(names) * len(overlap) + 1.2)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(width + max(3.0, 0.45 * len(names) + 1.2), 3.5),
+                                      width_ratios=[width, max(3.0, 0.45 * len(names) + 1.2)])
+    _bars(left, overlap, "", top=1.08)
+    shown = {n: (v if v is not None else np.nan) for n, v in hd95.items()}
+    finite = [v for v in shown.values() if np.isfinite(v)]
+    _bars(right, {"": shown}, "HD95 (mm)", top=1.15 * max(finite) if finite else 1.0, fmt="%.1f")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save(fig, path)
+    plt.close(fig)
+
+
+def _bars(ax, series: dict[str, dict[str, float]], ylabel: str, top: float, fmt: str = "%.2f") -> None:
+    """Grouped bars of named series over the first series' categories on `ax`, y from 0 to `top`."""
+    names = list(next(iter(series.values())))
+    width = 0.8 / len(series)
     colors = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2"]
     for k, (label, values) in enumerate(series.items()):
         xs = np.arange(len(names)) + (k - (len(series) - 1) / 2) * width
         bars = ax.bar(xs, [values[n] for n in names], width, label=label or None, color=colors[k % len(colors)])
-        ax.bar_label(bars, fmt="%.2f", fontsize=6 if len(series) > 1 else 7)
+        ax.bar_label(bars, fmt=fmt, fontsize=6 if len(series) > 1 else 7)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, top)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    save(fig, path)
-    plt.close(fig)
 
 
 def overlay_figure(image: np.ndarray, labels: np.ndarray, path: Path, title: str = "") -> None:

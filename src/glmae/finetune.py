@@ -301,7 +301,8 @@ def _segmentation(data: str, cfg: Config, env, cases: dict) -> Task:
     _, train = load_volumes(data, cfg, env, with_label=True, cases=cases["train"], label_values=declared)
     _, val = load_volumes(data, cfg, env, with_label=True, cases=cases["val"], label_values=declared)
     items = [TrainItem(v, foreground_points(v.label)) for v in train]
-    return Task(items, lambda net: evaluate_volumes(net, val, cfg, env.device), "mean_dice", "dice", "Dice")
+    surface = cfg.method.validate_surface
+    return Task(items, lambda net: evaluate_volumes(net, val, cfg, env.device, surface), "mean_dice", "dice", "Dice")
 
 
 def _classification(data: str, cfg: Config, env, cases: dict) -> Task:

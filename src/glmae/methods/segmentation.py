@@ -62,6 +62,10 @@ class SegmentationConfig(FinetuneConfig):
     jitter_prob: float = 0.1  # for the scale and for the shift, independently
     sw_batch_size: int = 4  # windows per forward pass in sliding-window inference
     sw_overlap: float = 0.5
+    # NSD's tolerance: boundary voxels within it of the other surface count as agreeing; 1 mm, about a voxel
+    # of brain MRI and under one of the 1.5 x 1.5 x 2 mm CT grid (`glmae evaluate --nsd-tolerance`)
+    nsd_tolerance: float = 1.0  # mm
+    validate_surface: bool = False  # HD95 and NSD in fine-tuning's periodic validation too (slow on big volumes)
 
 
 @register_method("unetr")
