@@ -231,3 +231,52 @@ def test_auto_intensity_is_recorded_resolved_and_a_mismatched_init_is_named(tmp_
     code, _, err = run_cli("pretrain", "--config", "mae3d_tiny", "--data", root / "imagesTr", "--out", run,
                            "--resume", "--max-steps", 2, *sets(CORPUS_PRETRAIN))
     assert code == 0, err  # such a run still resumes: auto resolves as it did
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_a_1_channel_init_adapted_to_4_channels_embeds_identical_channels_as_the_original(arch, tmp_path, capsys):
+    from glmae.models.swin import SwinConfig, swin_encoder
+
+    build = ViT if arch == "vit" else swin_encoder
+    vit = ViTConfig(width=48, depth=2, heads=2, patch_size=8)
+    one = vit if arch == "vit" else SwinConfig(feature_size=12, window=4)
+    torch.manual_seed(0)
+    original = build(one).eval()
+    path = tmp_path / "encoder.safetensors"
+    checkpoint.save_encoder(original.state_dict(), {"format": "glmae-encoder/1", "encoder": one.__dict__,
+                                                    "method": "mae3d", "steps": 7, "intensity": "ct"}, path)
+    config = "unetr_tiny" if arch == "vit" else "swin_unetr_tiny"
+    sets = ["encoder.in_channels=4", "encoder.drop_path=0", "data.intensity=ct"]
+    sets += ["encoder.width=48", "encoder.depth=2", "encoder.heads=2"] if arch == "vit" else ["encoder.feature_size=12"]
+    cfg = load_config(config, sets)
+    four = build(cfg.encoder).eval()
+    report = load_init(four, str(path), cfg)
+    name = "patch_embedding.patch_embeddings.weight" if arch == "vit" else "patch_embed.proj.weight"
+    assert report.splitlines()[0] == (f"init: adapted {name} from 1 to 4 input channels (average: the channels' "
+                                      "mean, x 1/4)")
+    image = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        ours, theirs = four(image.expand(-1, 4, -1, -1, -1)), original(image)
+    ours, theirs = (ours[0], theirs[0]) if arch == "vit" else (ours[-1], theirs[-1])
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_pretrain_on_1_channel_ct_and_finetune_on_4_channel_mri(tmp_path, run_cli):
+    sets = lambda overrides: [a for o in overrides for a in ("--set", o)]  # noqa: E731
+    ct = write_msd(tmp_path / "ct", 2)
+    code, _, err = run_cli("pretrain", "--config", "mae3d_tiny", "--data", ct, "--out", tmp_path / "pre",
+                           "--max-steps", 1, *sets(PRETRAIN))
+    assert code == 0, err
+    mri = _write_brats(tmp_path / "brats", 3)
+    code, _, err = run_cli("finetune", "--config", "unetr_tiny", "--data", mri, "--out", tmp_path / "ft",
+                           "--init", tmp_path / "pre" / "encoder.safetensors", "--init-channels", "repeat",
+                           *sets(FINETUNE + ["encoder.in_channels=4", "train.max_steps=1"]))
+    assert code == 0, err
+    assert ("init: adapted patch_embedding.patch_embeddings.weight from 1 to 4 input channels (repeat: channel j <- "
+            "channel j mod 1, x 1/4)") in err
+    assert "loaded 28 tensors, missing 0, unexpected 0" in err
+    state = checkpoint.load(tmp_path / "ft" / "checkpoints" / "last.pt")
+    assert state["config"]["method"]["init_channels"] == "repeat"
+    code, _, err = run_cli("finetune", "--config", "unetr_tiny", "--data", mri, "--out", tmp_path / "ft2",
+                           "--init-channels", "tile", *sets(FINETUNE + ["encoder.in_channels=4"]))
+    assert code == 2 and "--init-channels (method.init_channels): expected average or repeat, got 'tile'" in err

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from glmae.models.patches import (
+    adapt_in_channels,
     gather_tokens,
     mask_from_indices,
     patch_shape,
@@ -102,3 +103,22 @@ def test_int_patch_is_a_cube_and_bad_patches_are_refused():
         token_grid((8, 8, 8), (4, 4, 3))
     with pytest.raises(ValueError):
         patch_shape((16, 16))
+
+
+@pytest.mark.parametrize("how,c_in,c_out", [("average", 1, 4), ("repeat", 1, 4), ("average", 4, 1),
+                                            ("average", 2, 3), ("repeat", 2, 4)])
+def test_an_adapted_patch_embedding_gives_the_original_output_on_identical_channels(how, c_in, c_out):
+    weight = torch.randn(6, c_in, 2, 2, 2, dtype=torch.float64)
+    image = torch.randn(1, 1, 4, 4, 4, dtype=torch.float64)
+    adapted = adapt_in_channels(weight, c_out, how)
+    assert adapted.shape == (6, c_out, 2, 2, 2)
+    original = F.conv3d(image.expand(-1, c_in, -1, -1, -1), weight, stride=2)
+    torch.testing.assert_close(F.conv3d(image.expand(-1, c_out, -1, -1, -1), adapted, stride=2), original)
+
+
+def test_repeat_keeps_each_channels_filter_and_average_mixes_them():
+    weight = torch.stack([torch.ones(2, 2, 2), -torch.ones(2, 2, 2)])[None]  # (1, 2, 2, 2, 2)
+    assert adapt_in_channels(weight, 4, "repeat")[0, :, 0, 0, 0].tolist() == [0.5, -0.5, 0.5, -0.5]
+    assert adapt_in_channels(weight, 4, "average")[0, :, 0, 0, 0].tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="channel adaptation"):
+        adapt_in_channels(weight, 4, "tile")

@@ -127,6 +127,11 @@ def finetune(
     split_seed: Annotated[
         int | None, typer.Option("--split-seed", help="Seed of the split and subset [default: the config's, 0].")
     ] = None,
+    init_channels: Annotated[
+        str | None, typer.Option("--init-channels", help="An --init encoder of other in_channels: its patch embedding "
+                                                         "averaged or repeated, x C_in/C_out [default: the config's, "
+                                                         "average].")
+    ] = None,
     max_steps: MaxStepsOpt = None,
     resume: ResumeOpt = False,
     set_: SetOpt = None,
@@ -145,6 +150,7 @@ def finetune(
         label_fraction=label_fraction,
         split_seed=split_seed,
         resume=resume,
+        init_channels=init_channels,
     )
 
 

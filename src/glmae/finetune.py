@@ -15,7 +15,12 @@ are on one side of every split.
 `--init` loads the encoder weights of an `encoder.safetensors` (+ its `encoder.json`), of a
 pretraining checkpoint (the encoder that pretraining exports, e.g. GL-MAE's teacher) or of another
 fine-tuning checkpoint; its architecture (every encoder field but `drop_path`) must equal the
-config's encoder. Position embeddings are fixed sin-cos for the ROI's token grid (ViT) or relative
+config's encoder, except `in_channels`: an encoder of C_in input channels initialises one of C_out
+(CT -> 4-channel MRI) with its patch embedding remade by `--init-channels` (`method.init_channels`,
+`glmae.models.patches.adapt_in_channels`): `average` (the default: every channel the mean of the
+C_in channels' weights) or `repeat` (channel j the file's channel j mod C_in), both x C_in / C_out so
+that C_out identical channels embed as the original did; a line names the tensors adapted.
+Position embeddings are fixed sin-cos for the ROI's token grid (ViT) or relative
 within attention windows (Swin), so nothing is interpolated; only a learned table of imported
 weights (`glmae import`, `encoder.learned_pos_grid`) is resampled for another token grid.
 
@@ -109,12 +114,17 @@ def load_init(encoder: torch.nn.Module, init: str, cfg: Config, say: bool = True
     """Load `--init` into `encoder`; returns the report line (loaded, missing, unexpected). A warning
     (if `say`) when the encoder learnt from images of another intensity mode than the config's."""
     weights, arch, description, intensity = read_encoder_file(init)
-    differences = architecture_mismatch(arch, cfg.encoder)
+    c_in, c_out = arch.get("in_channels"), cfg.encoder.in_channels
+    adapt = isinstance(c_in, int) and c_in != c_out
+    differences = architecture_mismatch({**arch, "in_channels": c_out} if adapt else arch, cfg.encoder)
     if differences:
         raise InputError(
             f"--init: the encoder does not match the config's encoder: {'; '.join(differences)} (file != config)",
             init,
         )
+    adapted = ""
+    if adapt:
+        weights, adapted = _adapt_channels(weights, encoder, c_in, c_out, cfg.method.init_channels, init)
     try:
         missing, unexpected = encoder.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # same names, other shapes
@@ -123,7 +133,7 @@ def load_init(encoder: torch.nn.Module, init: str, cfg: Config, say: bool = True
     loaded = len(weights) - len(unexpected)
     if loaded == 0:
         raise InputError("--init: none of its tensors belongs to the encoder", init)
-    report = (
+    report = adapted + (
         f"init: {init} ({description}): loaded {loaded} tensors, missing {len(missing)}{_names(missing)}, "
         f"unexpected {len(unexpected)}{_names(unexpected)}"
     )
@@ -134,21 +144,49 @@ def load_init(encoder: torch.nn.Module, init: str, cfg: Config, say: bool = True
     return report
 
 
+def _adapt_channels(weights: dict, encoder: torch.nn.Module, c_in: int, c_out: int, how: str,
+                    init: str) -> tuple[dict, str]:
+    """The --init weights with the patch embedding (the tensors whose dim 1, and only it, is C_in
+    in the file and C_out in the encoder) remade for C_out channels, and the line saying so."""
+    from glmae.models.patches import adapt_in_channels
+
+    ours = encoder.state_dict()
+
+    def embeds(name: str, w: torch.Tensor) -> bool:
+        theirs = ours.get(name)
+        return (theirs is not None and w.ndim >= 3 and w.shape[1] == c_in and theirs.shape[1] == c_out
+                and w.shape[:1] + w.shape[2:] == theirs.shape[:1] + theirs.shape[2:])
+
+    names = sorted(k for k, w in weights.items() if embeds(k, w))
+    if not names:
+        raise InputError(f"--init: the encoder takes {c_in} input channel(s), the config {c_out}, and it has no "
+                         "patch-embedding weight to adapt", init)
+    weights = {**weights, **{k: adapt_in_channels(weights[k], c_out, how) for k in names}}
+    scale = "the channels' mean" if how == "average" else f"channel j <- channel j mod {c_in}"
+    return weights, (f"init: adapted {', '.join(names)} from {c_in} to {c_out} input channels "
+                     f"({how}: {scale}, x {c_in}/{c_out})\n")
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 
 
 def resolve(cfg: Config, dataset, init: str | None, mode: str | None, label_fraction: float | None,
-            split_seed: int | None, say: bool = True) -> Config:
+            split_seed: int | None, say: bool = True, init_channels: str | None = None) -> Config:
     """The config with the command-line options (those given, i.e. not None: the others keep the
     config's values), label names/values (or findings) and intensity mode filled in."""
     from glmae.methods.finetuning import MODES
+    from glmae.models.patches import CHANNEL_ADAPTATIONS
 
-    given = dict(init=init, mode=mode, label_fraction=label_fraction, split_seed=split_seed)
+    given = dict(init=init, mode=mode, label_fraction=label_fraction, split_seed=split_seed,
+                 init_channels=init_channels)
     method = dataclasses.replace(cfg.method, **{k: v for k, v in given.items() if v is not None})
     init = method.init
     if method.mode not in MODES:
         raise InputError(f"--mode (method.mode): expected {' or '.join(MODES)}, got {method.mode!r}")
+    if method.init_channels not in CHANNEL_ADAPTATIONS:
+        raise InputError(f"--init-channels (method.init_channels): expected {' or '.join(CHANNEL_ADAPTATIONS)}, "
+                         f"got {method.init_channels!r}")
     # an absolute path: a run resumes whichever way the same --init file is spelled
     init = init if init == "none" else str(Path(init).resolve())
     method = dataclasses.replace(method, init=init, label_fraction=float(method.label_fraction),
@@ -223,9 +261,11 @@ def finetune(
     label_fraction: float | None = None,
     split_seed: int | None = None,
     resume: bool = False,
+    init_channels: str | None = None,
 ) -> dict:
     """Run fine-tuning; returns the validation metrics of the best checkpoint (RUN/metrics.json).
-    `init`, `mode`, `label_fraction` and `split_seed` override `cfg.method`'s fields when given."""
+    `init`, `mode`, `label_fraction`, `split_seed` and `init_channels` override `cfg.method`'s
+    fields when given."""
     from glmae.data.formats import load_dataset
     from glmae.methods import FINETUNING
 
@@ -240,7 +280,8 @@ def finetune(
     env = distributed.init(cfg.train.device)
     try:
         dataset = load_dataset(data)
-        cfg = resolve(cfg, dataset, init, mode, label_fraction, split_seed, say=env.is_main)
+        cfg = resolve(cfg, dataset, init, mode, label_fraction, split_seed, say=env.is_main,
+                      init_channels=init_channels)
         init = cfg.method.init
         splits = make_splits(dataset, cfg.method.label_fraction, cfg.method.split_seed)
         resume = check_run_dir(out, resume, cfg)

@@ -23,6 +23,8 @@ class FinetuneConfig(MethodConfig):
     # `glmae finetune`'s options, which override them when given, so that the run describes itself:
     mode: str = "e2e"  # --mode: linear (encoder frozen) | e2e
     init: str = "none"  # --init
+    # --init-channels: how an --init encoder of other in_channels is adapted (glmae.models.patches.adapt_in_channels)
+    init_channels: str = "average"
     label_fraction: float = 1.0  # --label-fraction
     split_seed: int = 0  # --split-seed
 

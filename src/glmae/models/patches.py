@@ -90,3 +90,27 @@ def mask_from_indices(masked: torch.Tensor, length: int) -> torch.Tensor:
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (N, L, D), index (N, K) -> (N, K, D)."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+CHANNEL_ADAPTATIONS = ("average", "repeat")
+
+
+def adapt_in_channels(weight: torch.Tensor, channels: int, how: str = "average") -> torch.Tensor:
+    """A patch embedding's (D, C_in, *kernel) weight remade for `channels` = C_out input channels,
+    scaled by C_in / C_out so that an input whose C_out channels are all equal to one image gets
+    the embedding the C_in-channel weight gave that image on all of its channels (an encoder
+    pre-trained on 1-channel CT sees a 4-channel MRI case as it saw CT, up to intensities):
+
+    - average: every output channel is the mean of the C_in input channels' weights, x C_in / C_out
+      (exact for any C_in, C_out);
+    - repeat: output channel j is input channel j mod C_in, x C_in / C_out (keeps channel-specific
+      filters; exact when C_out is a multiple of C_in, the same as average when C_in = 1).
+    """
+    if how not in CHANNEL_ADAPTATIONS:
+        raise ValueError(f"channel adaptation must be one of {CHANNEL_ADAPTATIONS}, got {how!r}")
+    c_in = weight.shape[1]
+    if how == "average":
+        per_channel = weight.mean(1, keepdim=True).expand(-1, channels, *weight.shape[2:])
+    else:
+        per_channel = weight[:, torch.arange(channels) % c_in]
+    return (per_channel * (c_in / channels)).contiguous()
