@@ -18,11 +18,13 @@ REMOVED = {"swin_unetr": {"method.feature_size"}, "swin_unetr_tiny": {"method.fe
 # (data.image_size), MAE3D's random-resized views and flip axes (method.view_scale, flip_axes), the
 # ViT's learned position table of imported weights (encoder.learned_pos_grid), a warm-up given in
 # epochs, activation checkpointing, torch.compile, the surface metrics' NSD tolerance and whether
-# fine-tuning validates with them, how --init adapts its input channels
+# fine-tuning validates with them, how --init adapts its input channels,
+# GMIM's entropy range on MRI
 ADDED = {"data.image_size": None, "method.view_scale": None, "method.flip_axes": [0, 1, 2],
          "encoder.learned_pos_grid": None,
          "optim.warmup_epochs": 0.0, "train.grad_checkpoint": False, "train.compile": False,
-         "method.nsd_tolerance": 1.0, "method.validate_surface": False, "method.init_channels": "average"}
+         "method.nsd_tolerance": 1.0, "method.validate_surface": False, "method.init_channels": "average",
+         "method.entropy_percentiles": [0.5, 99.5]}
 # fields set to the papers' values since (see PAPERS): MAE3D's lr was 40x below SelfMedMAE's, and
 # its steps, batch and warm-up were not SelfMedMAE's; UNETR fine-tunes 3000 epochs as GL-MAE's paper
 CHANGED = {

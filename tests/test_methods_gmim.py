@@ -31,7 +31,7 @@ def volume(shape=(70, 40, 36), seed=0):
     rng = np.random.default_rng(seed)
     image = F.avg_pool3d(torch.from_numpy(rng.random((1, 1, *shape), dtype=np.float32)), 5, 1, 2)[0].numpy()
     image[:, :20, :20, :20] = rng.random((1, 20, 20, 20))
-    return types.SimpleNamespace(image=image, foreground_box=tuple((0, s) for s in shape))
+    return types.SimpleNamespace(image=image, foreground_box=tuple((0, s) for s in shape), intensity="ct")
 
 
 def batch_of(model, n=2, seed=10):
@@ -53,6 +53,49 @@ def upsampled(mask: torch.Tensor, size) -> torch.Tensor:
 
 
 # --- samples ----------------------------------------------------------------------------------
+
+
+def z_scored_crop(seed=0):
+    """(1, 32, 32, 32) z-scored crop: cells of 8³ voxels alternately of sd 0.5 and 2, the whole
+    crop then z-scored as MRI is."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.indices((32, 32, 32)) // 8
+    wide = (x + y + z) % 2 == 1
+    image = rng.normal(0, np.where(wide, 2.0, 0.5))
+    return ((image - image.mean()) / image.std())[None].astype(np.float32), wide
+
+
+def test_gmims_entropy_on_z_scored_mri_uses_the_crops_percentiles_not_the_ct_range():
+    from glmae.methods.gmim import entropy_range
+    from glmae.models.grid_masking import cell_entropies
+
+    image, wide = z_scored_crop()
+    cfg = GMIMConfig()
+    ranges = entropy_range(image, "mri", cfg)
+    assert ranges.shape == (1, 2) and ranges[0].tolist() == pytest.approx(np.percentile(image, [0.5, 99.5]))
+    assert entropy_range(image, "ct", cfg) == (0.0, 1.0)
+    in_end_bins = lambda lo, hi: np.mean((image <= lo + (hi - lo) / 256) | (image >= hi - (hi - lo) / 256))  # noqa
+    assert in_end_bins(*ranges[0]) < 0.02 and in_end_bins(0.0, 1.0) > 0.6  # [0, 1] clips most voxels
+    wide_cell = wide[::8, ::8, ::8].ravel()  # patch 2, grid 4: a cell is 8³ voxels
+    mri, ct = cell_entropies(image, 4, 2, 256, ranges), cell_entropies(image, 4, 2, 256, (0.0, 1.0))
+    assert mri[wide_cell].min() > mri[~wide_cell].max()  # the spread-out cells hold more information
+    assert ct[wide_cell].max() < ct[~wide_cell].min()  # clipped into the end bins, they seemed to hold less
+
+
+def test_a_sample_of_an_mri_volume_picks_its_grid_on_the_percentile_range(monkeypatch):
+    from glmae.models import grid_masking
+
+    image, _ = z_scored_crop(1)
+    mri = types.SimpleNamespace(image=image, foreground_box=((0, 32),) * 3, intensity="mri")
+    seen = []
+    choose = grid_masking.choose_grid
+    monkeypatch.setattr(grid_masking, "choose_grid", lambda *a: seen.append(np.asarray(a[4])) or choose(*a))
+    cfg = GMIMConfig(roi=(32, 32, 32), flip_prob=0.0)
+    sample_gmim(mri, np.random.default_rng(0), cfg=cfg, patch=2, levels=[(16, 16, 16)])
+    sample_gmim(types.SimpleNamespace(**{**vars(mri), "intensity": "ct"}), np.random.default_rng(0), cfg=cfg,
+                patch=2, levels=[(16, 16, 16)])
+    assert seen[0].shape == (1, 2) and seen[0][0].tolist() == pytest.approx(np.percentile(image, [0.5, 99.5]))
+    assert seen[1].tolist() == [0.0, 1.0]
 
 
 def test_samples_carry_a_mask_per_level_and_replay_from_their_seed():

@@ -76,6 +76,7 @@ class Volume:
     affine: np.ndarray  # (4, 4) float64 affine of the preprocessed grid
     foreground_box: tuple[tuple[int, int], ...]  # [start, stop) of the body per spatial axis
     source: dict  # "files": path, shape, affine, orientation of each input; "grid": resampled shape, crop
+    intensity: str = "none"  # the resolved mode of `image`: ct ([0, 1]), mri (z-scored), none (as stored)
 
     def __getstate__(self) -> dict:
         # Memory maps travel as their file names, so DataLoader workers started by spawn or
@@ -172,6 +173,7 @@ class Preprocessor:
             affine=np.array(meta["affine"], dtype=np.float64),
             foreground_box=tuple((int(a), int(b)) for a, b in meta["foreground_box"]),
             source=meta["source"],
+            intensity=self.mode,
         )
 
     def _paths(self, case: Case, with_label: bool) -> tuple[Path, Path, Path | None]:

@@ -27,7 +27,12 @@ Model (`GMIM`):
 - L = L_rec + 0.005 L_rr. Logs: `loss_rec`, `loss_rr`, `grid` (mean chosen g of the batch).
 
 Choices where the paper and METHODS.md are silent (options in `GMIMConfig` where they are numbers):
-- Entropy: 256 bins over [0, 1] (`entropy_bins`, `entropy_range`); cells, ties, rounding and the
+- Entropy: 256 bins (`entropy_bins`) over a range that follows the volume's intensity mode
+  (`Volume.intensity`, data.intensity resolved): [0, 1] for CT (`entropy_range`, the windowed
+  range); for z-scored MRI (and `none`) each channel's own 0.5th to 99.5th percentiles in the crop
+  (`entropy_percentiles`): z-scores have no fixed range, and [0, 1] would put most of a z-scored
+  crop (everything below the mean or above one standard deviation) into the two end bins, so the
+  entropies, the grid and the ratios would describe the clipping. Cells, ties, rounding and the
   coarser grids of deeper levels as documented in `glmae.models.grid_masking`.
 - The target branch sees the same crop (same place, same flips), so that token i means the same
   place in both branches (the public code pairs two different crops).
@@ -76,7 +81,8 @@ class GMIMConfig(MethodConfig):
     grids: tuple[int, ...] = grid_masking.GRIDS  # candidate cells per side
     grid_alpha: float = 0.1  # criterion g^(-alpha) std(E) / mean(E)
     entropy_bins: int = 256
-    entropy_range: tuple[float, float] = (0.0, 1.0)  # histogram range of the intensities
+    entropy_range: tuple[float, float] = (0.0, 1.0)  # histogram range of CT intensities (windowed)
+    entropy_percentiles: tuple[float, float] = (0.5, 99.5)  # other modes: the crop's, per channel
     mask_ratio: float = 0.5  # base ratio
     mask_scale: float = 0.3  # cell ratios base · (1 ± scale), by entropy rank
     hierarchical_prob: float = 0.3  # probability of each level after the first
@@ -119,13 +125,19 @@ def adjust_intensity(image: np.ndarray, gamma: float, shift: float, noise_seed: 
     return out
 
 
+def entropy_range(image: np.ndarray, intensity: str, cfg: GMIMConfig):
+    """The entropy histogram's range for a (C, X, Y, Z) crop of a volume of `intensity` mode:
+    `entropy_range` for CT, else (C, 2) the crop's `entropy_percentiles` per channel."""
+    return cfg.entropy_range if intensity == "ct" else grid_masking.percentile_ranges(image, cfg.entropy_percentiles)
+
+
 def sample_gmim(volume, rng: np.random.Generator, *, cfg: GMIMConfig, patch: int, levels: list) -> dict:
     """One sample: {"image": (C, *roi) float32, "target": (C, *roi) float32 (augmented copy),
     "grid": chosen g, "mask{k}": bool mask of level k on token grid `levels[k]`}."""
     box = sampling.crop_box(volume.image.shape[1:], cfg.roi, rng, volume.foreground_box)
     image = sampling.flip(sampling.crop(volume.image, box), sampling.flip_axes(rng, cfg.flip_prob))
-    g, entropies = grid_masking.choose_grid(image, patch, cfg.grids, cfg.entropy_bins, cfg.entropy_range,
-                                            cfg.grid_alpha)
+    g, entropies = grid_masking.choose_grid(image, patch, cfg.grids, cfg.entropy_bins,
+                                            entropy_range(image, volume.intensity, cfg), cfg.grid_alpha)
     ratios = grid_masking.cell_ratios(entropies, cfg.mask_ratio, cfg.mask_scale)
     masks = grid_masking.hierarchical_masks(levels, g, ratios, rng, cfg.hierarchical_prob, cfg.level_ratio)
     target = adjust_intensity(image, *intensity_params(rng, cfg), cfg.noise_std)

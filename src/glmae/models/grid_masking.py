@@ -10,9 +10,11 @@ the entropy and of the masking coincide exactly.
 Grid choice (`choose_grid`). For each g in `grids` (4, 8, 16) that is no finer than the token grid
 (g <= its smallest side; finer grids are skipped): E = the Shannon entropy in bits of the intensity
 histogram of each cell, `bins` equal bins over `value_range` (default 256 bins over [0, 1], the
-range of windowed CT; values outside fall in the end bins; multi-channel crops: mean of the
-channels' entropies). Criterion g^(-alpha) std(E) / mean(E), alpha = 0.1, population std, 0 for
-mean(E) = 0 (a constant crop). The largest criterion wins; on ties the first grid listed.
+range of windowed CT; values outside fall in the end bins), one range for every channel or one per
+channel (`percentile_ranges`: a crop's own percentiles, for z-scored MRI, which has no fixed range);
+multi-channel crops: mean of the channels' entropies. Criterion g^(-alpha) std(E) / mean(E),
+alpha = 0.1, population std, 0 for mean(E) = 0 (a constant crop). The largest criterion wins; on
+ties the first grid listed.
 
 Ratios (`cell_ratios`). Cell c gets base · linspace(1 - scale, 1 + scale, K)[rank(E_c)], rank the
 dense rank of its entropy among the K distinct entropies of the crop (as the public code: equal
@@ -50,17 +52,24 @@ def cell_ids(shape: Sequence[int], g: int) -> np.ndarray:
     return (cx[:, None, None] * g + cy[None, :, None]) * g + cz[None, None, :]
 
 
+def percentile_ranges(image: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """(C, 2) histogram range per channel of a (C, X, Y, Z) crop: its (low, high) percentiles."""
+    return np.stack([np.percentile(channel, percentiles) for channel in np.asarray(image)])
+
+
 def cell_entropies(
-    image: np.ndarray, g: int, patch: int, bins: int = 256, value_range: tuple[float, float] = (0.0, 1.0)
+    image: np.ndarray, g: int, patch: int, bins: int = 256, value_range=(0.0, 1.0)
 ) -> np.ndarray:
     """(g³,) Shannon entropy (bits) of the intensity histogram of each cell of a (C, X, Y, Z) crop
-    whose sides are multiples of `patch`; the mean over channels."""
+    whose sides are multiples of `patch`; the mean over channels. `value_range`: (low, high) for
+    every channel or (C, 2) per channel; a range of zero width counts everything in one bin."""
     grid = token_grid(image.shape[1:], patch)
     cx, cy, cz = (np.repeat(cell_of(n, g), patch) for n in grid)  # voxel -> cell of its token
     cells = (cx[:, None, None] * g + cy[None, :, None]) * g + cz[None, None, :]
-    lo, hi = value_range
+    ranges = np.broadcast_to(np.asarray(value_range, dtype=np.float64), (image.shape[0], 2))
     total = np.zeros(g**3)
-    for channel in image:
+    for channel, (lo, hi) in zip(image, ranges):
+        hi = hi if hi > lo else lo + 1.0
         index = np.clip(np.floor((np.asarray(channel) - lo) * (bins / (hi - lo))), 0, bins - 1).astype(np.int64)
         counts = np.bincount((cells * bins + index).ravel(), minlength=g**3 * bins).reshape(g**3, bins)
         p = counts / counts.sum(1, keepdims=True)
@@ -76,7 +85,7 @@ def grid_criterion(entropies: np.ndarray, g: int, alpha: float = 0.1) -> float:
 
 def choose_grid(
     image: np.ndarray, patch: int, grids: Sequence[int] = GRIDS, bins: int = 256,
-    value_range: tuple[float, float] = (0.0, 1.0), alpha: float = 0.1,
+    value_range=(0.0, 1.0), alpha: float = 0.1,
 ) -> tuple[int, np.ndarray]:
     """(g, (g³,) cell entropies) of the grid maximising `grid_criterion` for a (C, X, Y, Z) crop."""
     side = min(token_grid(image.shape[1:], patch))
