@@ -19,12 +19,12 @@ REMOVED = {"swin_unetr": {"method.feature_size"}, "swin_unetr_tiny": {"method.fe
 # ViT's learned position table of imported weights (encoder.learned_pos_grid), a warm-up given in
 # epochs, activation checkpointing, torch.compile, the surface metrics' NSD tolerance and whether
 # fine-tuning validates with them, how --init adapts its input channels,
-# GMIM's entropy range on MRI
+# GMIM's entropy range on MRI, GL-MAE's collapse alarm (it only logs and warns)
 ADDED = {"data.image_size": None, "method.view_scale": None, "method.flip_axes": [0, 1, 2],
          "encoder.learned_pos_grid": None,
          "optim.warmup_epochs": 0.0, "train.grad_checkpoint": False, "train.compile": False,
          "method.nsd_tolerance": 1.0, "method.validate_surface": False, "method.init_channels": "average",
-         "method.entropy_percentiles": [0.5, 99.5]}
+         "method.entropy_percentiles": [0.5, 99.5], "method.collapse_patience": 10}
 # fields set to the papers' values since (see PAPERS): MAE3D's lr was 40x below SelfMedMAE's, and
 # its steps, batch and warm-up were not SelfMedMAE's; UNETR fine-tunes 3000 epochs as GL-MAE's paper
 CHANGED = {

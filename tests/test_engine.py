@@ -175,6 +175,23 @@ def test_run_writes_logs_checkpoint_and_figure(tmp_path):
     assert (tmp_path / "figures" / "recon_000003.png").exists()
 
 
+class Watches(MAE3D):
+    """Sees each logged step's values and adds its own."""
+
+    seen: list = []
+
+    def watch(self, step, logged, say):
+        self.seen.append((step, "loss" in logged, say))
+        return {"alarm": float(step >= 2)}
+
+
+def test_a_method_watches_each_logged_step_and_its_values_are_logged(tmp_path):
+    Watches.seen = []
+    train(tiny_cfg("train.max_steps=3", "train.log_every=1"), tmp_path, model_cls=Watches)
+    assert Watches.seen == [(1, True, True), (2, True, True), (3, True, True)]
+    assert [r["alarm"] for r in read_log(tmp_path / "log.jsonl") if "loss" in r] == [0.0, 1.0, 1.0]
+
+
 class StopsItself(MAE3D):
     """Sends itself SIGTERM after step 3, like a cluster pre-empting the job."""
 

@@ -11,6 +11,7 @@ from glmae.data.sampling import view_box
 from glmae.methods.glmae import (
     GLMAE,
     GLMAEConfig,
+    collapse,
     consistency_loss,
     momentum_at,
     sample_views,
@@ -172,6 +173,8 @@ def losses_with(switches, full_state, batch):
 
 TERMS = {"rec_global": "loss_rec_global", "rec_local": "loss_rec_local", "cons_g2g": "loss_cons_g2g",
          "cons_l2g": "loss_cons_l2g"}
+# the diagnostics logged with each consistency term
+DIAGNOSTICS = {"cons_g2g": {"kl_g2g", "student_entropy_global"}, "cons_l2g": {"kl_l2g", "student_entropy_local"}}
 
 
 @pytest.mark.parametrize("switch", list(TERMS))
@@ -181,9 +184,10 @@ def test_each_switch_removes_exactly_its_term(switch):
     batch = batch_of(full)
     _, all_on = losses_with({}, full.state_dict(), batch)
     loss, logs = losses_with({switch: False}, full.state_dict(), batch)
-    assert TERMS[switch] not in logs
+    gone = {TERMS[switch], *DIAGNOSTICS.get(switch, ())}
+    assert set(all_on) - set(logs) == gone
     for key, value in all_on.items():
-        if key != TERMS[switch]:
+        if key not in gone:
             assert logs[key] == pytest.approx(value, rel=1e-6), key
     rec = logs.get("loss_rec_global", 0) + logs.get("loss_rec_local", 0)
     g2g, l2g = logs.get("loss_cons_g2g"), logs.get("loss_cons_l2g")
@@ -218,7 +222,8 @@ def test_every_trainable_parameter_gets_a_gradient():
         n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
     ]
     assert not missing, missing
-    assert set(logs) == {"loss_rec_global", "loss_rec_local", "loss_cons_g2g", "loss_cons_l2g", "teacher_entropy"}
+    assert set(logs) == {"loss_rec_global", "loss_rec_local", "loss_cons_g2g", "loss_cons_l2g", "teacher_entropy",
+                         "teacher_mean_entropy", "head_last_norm", *DIAGNOSTICS["cons_g2g"], *DIAGNOSTICS["cons_l2g"]}
     assert 0 < logs["teacher_entropy"] <= math.log(16) + 1e-6
 
 
@@ -228,3 +233,39 @@ def test_figure_shows_a_global_and_a_local_view(tmp_path):
     with torch.no_grad():
         model.figure(batch_of(model), tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_collapse_alarm_fires_on_a_collapsed_log_and_not_on_a_healthy_one():
+    log_k = math.log(512)
+    healthy = [0.4, 1.4, 3.6, 4.2, 3.9, 4.5, 5.0, 4.8, 5.1, 5.2]  # climbing, never for long past 0.95 log K
+    uniform = [0.4, 1.4, 3.6, 5.95, 6.0, 6.1, 6.2, 6.2, 6.2, 6.2]  # the collapse seen at ~1500 steps
+    assert all(collapse(healthy[:n], log_k, 5) is None for n in range(len(healthy) + 1))
+    assert collapse(uniform, log_k, 5) == "uniform"
+    assert collapse(uniform[:7], log_k, 5) is None  # 4 values above 0.95 log K = 5.93 so far
+    assert collapse([0.01] * 5, log_k, 5) == "one-hot"
+    assert collapse(uniform, log_k, 0) is None  # switched off
+
+
+def test_collapse_alarm_warns_once_and_flags_the_log(capsys):
+    model = GLMAE(ENCODER, tiny_cfg(collapse_patience=3))
+    flags = [model.watch(step, {"teacher_entropy": e}, say=True)["collapse"]
+             for step, e in enumerate([1.0, 6.2, 6.2, 6.2, 6.2, 2.0, 6.2])]
+    assert flags == [0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    err = capsys.readouterr().err
+    assert err.count("glmae: warning:") == 1 and "step 3" in err and "uniform" in err
+    assert GLMAE(ENCODER, tiny_cfg(collapse_patience=0)).watch(1, {"teacher_entropy": 6.2}, True) == {}
+
+
+def test_diagnostics_relate_as_cross_entropy_entropy_and_kl():
+    torch.manual_seed(0)
+    model = GLMAE(ENCODER, tiny_cfg())
+    _, logs = model(batch_of(model))
+    logs = {k: v.item() for k, v in logs.items()}
+    for pair in ("g2g", "l2g"):
+        assert logs[f"kl_{pair}"] == pytest.approx(logs[f"loss_cons_{pair}"] - logs["teacher_entropy"], abs=1e-5)
+        assert logs[f"kl_{pair}"] >= -1e-5
+    log_k = math.log(16)
+    for key in ("teacher_entropy", "teacher_mean_entropy", "student_entropy_global", "student_entropy_local"):
+        assert 0 <= logs[key] <= log_k + 1e-5, key
+    assert logs["teacher_mean_entropy"] >= logs["teacher_entropy"] - 1e-5  # entropy is concave
+    assert logs["head_last_norm"] == pytest.approx(model.head[-1].weight.norm().item())

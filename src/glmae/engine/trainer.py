@@ -4,7 +4,9 @@ A method is an `nn.Module` whose `forward(batch)` returns `(loss, logs)` (logs: 
 and which may define `after_step(step, total, applied) -> dict` (e.g. a momentum-teacher update;
 `applied` is a 0-dim tensor on the device, 1.0 when the optimiser step was taken and 0.0 when the
 fp16 loss scaler skipped it, so an update can be scaled by it without a host sync) and
-`figure(batch, path)` (main process only, every `fig_every` steps and at the end). The caller
+`figure(batch, path)` (main process only, every `fig_every` steps and at the end) and
+`watch(step, logged, say) -> dict` (its own alarms on each logged step's values, which are the same
+on every rank; the values it returns are logged with them; `say` on the main process). The caller
 may pass `evaluate(model, step) -> dict` (fine-tuning validation; called on every rank every
 `evaluate_every` steps and at the end, must return the same dict everywhere); with `best_metric`
 the step where it peaks is kept as `RUN/checkpoints/best.pt`.
@@ -242,7 +244,11 @@ class Trainer:
         """Means over the micro-steps since the last log and over the ranks."""
         keys = sorted(self.sums)
         means = distributed.all_reduce_mean(torch.stack([self.sums[k] for k in keys]) / self.n_summed, self.env)
-        logger.log(done, {**dict(zip(keys, means.cpu().tolist())), **extra, "lr": lr})
+        values = {**dict(zip(keys, means.cpu().tolist())), **extra, "lr": lr}
+        watch = getattr(self.model, "watch", None)  # a method's own alarms on its logged values
+        if watch is not None:
+            values.update(watch(done, values, self.env.is_main))
+        logger.log(done, values)
         self.sums, self.n_summed = {}, 0
 
     def validate(self, done: int, logger: RunLogger, evaluate: Callable, best_metric: str | None) -> None:

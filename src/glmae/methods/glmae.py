@@ -41,6 +41,15 @@ Choices beyond the paper (each a config option):
   momentum teacher.
 - Ablation switches `rec_global`, `rec_local`, `cons_g2g`, `cons_l2g`. With both consistency terms
   off there is no head and no teacher and the loss is exactly multi-view MAE3D.
+
+Diagnostics, logged at every logging step: `teacher_entropy` (mean entropy of p_t),
+`teacher_mean_entropy` (entropy of the batch-mean p_t: low when every view gets the same sharp
+target), `student_entropy_global` / `_local`, `kl_g2g` / `kl_l2g` (KL(p_t || p_s), the consistency
+loss minus the teacher entropy: what the student still has to learn from the teacher) and
+`head_last_norm` (the norm of the head's last layer). The collapse alarm (`watch`): when the
+teacher entropy has stayed above 0.95·log K (uniform targets: no gradient) or below 0.05·log K
+(one-hot) for `collapse_patience` logged steps, a `glmae: warning:` line, and `collapse` is 1 in
+log.jsonl for as long as it lasts.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ from torch import nn
 from glmae.config import register_method
 from glmae.data import sampling
 from glmae.engine import distributed
+from glmae.errors import warn
 from glmae.methods.mae3d import MAEConfig
 from glmae.models.mae import MaskedAutoencoder, reconstruction_loss
 from glmae.models.patches import random_masking, token_grid
@@ -88,6 +98,7 @@ class GLMAEConfig(MAEConfig):
     cons_g2g: bool = True
     cons_l2g: bool = True
     export: str = "student"  # student | teacher
+    collapse_patience: int = 10  # logged steps of teacher entropy near 0 or log K before the alarm; 0: off
 
 
 def uses_locals(cfg: GLMAEConfig) -> bool:
@@ -129,6 +140,29 @@ def teacher_probs(teacher_out: torch.Tensor, center: torch.Tensor | None, tau_t:
     if center is not None:
         teacher_out = teacher_out - center
     return (teacher_out / tau_t).softmax(-1)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the distributions p (..., K)."""
+    return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+COLLAPSE_BAND = (0.05, 0.95)  # fractions of log K: below, targets are one-hot; above, uniform
+
+
+def collapse(entropies: list[float], log_k: float, patience: int) -> str | None:
+    """'uniform' or 'one-hot' when each of the last `patience` logged teacher entropies lies above
+    0.95·log K or below 0.05·log K, else None. Either way the consistency term stops teaching:
+    uniform targets give it no gradient, one-hot ones a single class for every view."""
+    recent = entropies[-patience:] if patience > 0 else []
+    if len(recent) < patience or patience == 0:
+        return None
+    low, high = (f * log_k for f in COLLAPSE_BAND)
+    if all(e > high for e in recent):
+        return "uniform"
+    if all(e < low for e in recent):
+        return "one-hot"
+    return None
 
 
 def consistency_loss(p_t: torch.Tensor, student_out: torch.Tensor, tau_s: float) -> torch.Tensor:
@@ -173,6 +207,7 @@ class GLMAE(MaskedAutoencoder):
             self.teacher.requires_grad_(False)
             self.register_buffer("center", torch.zeros(cfg.head_out))
         self.momentum = cfg.momentum
+        self.entropies: list[float] = []  # logged teacher entropies, for the collapse alarm
 
     def sampler(self):
         return functools.partial(sample_views, cfg=self.cfg, patch=self.patch)
@@ -221,17 +256,25 @@ class GLMAE(MaskedAutoencoder):
             teacher_out = self.teacher["head"](tokens.mean(1)).float()  # (B·N_g, K)
             p_t = teacher_probs(teacher_out, self.center if cfg.center else None, cfg.tau_t)
             p_t = p_t.view(n_batch, cfg.n_global, -1)
-            entropy = -(p_t * p_t.clamp_min(1e-12).log()).sum(-1).mean()
+            h_t = entropy(p_t)
             if cfg.center and self.training:
                 self._update_center(teacher_out)
-        logs = {"teacher_entropy": entropy}
+        # the diagnostics of a collapse: sharp but all alike (batch-mean entropy low), uniform
+        # (teacher entropy at log K), or a student that stopped following (KL)
+        logs = {"teacher_entropy": h_t, "teacher_mean_entropy": entropy(p_t.mean((0, 1))),
+                "head_last_norm": self.head[-1].weight.detach().norm()}
         terms = []
         for kind, on in (("global", cfg.cons_g2g), ("local", cfg.cons_l2g and uses_locals(cfg))):
             if not on:
                 continue
             student = self.head(features[kind].mean(1)).view(n_batch, -1, cfg.head_out)
             term = consistency_loss(p_t, student, cfg.tau_s)
-            logs["loss_cons_g2g" if kind == "global" else "loss_cons_l2g"] = term.detach()
+            pair = "g2g" if kind == "global" else "l2g"
+            logs[f"loss_cons_{pair}"] = term.detach()
+            # the cross-entropy over all pairs is H(p_t) + KL(p_t || p_s), averaged alike
+            logs[f"kl_{pair}"] = term.detach() - h_t
+            with torch.no_grad():
+                logs[f"student_entropy_{kind}"] = entropy(F.softmax(student.float() / cfg.tau_s, -1))
             terms.append((term, student.shape[1]))
         # the mean over all pairs: each term is already a mean over N_g x N_views pairs
         n_views = sum(n for _, n in terms)
@@ -256,6 +299,22 @@ class GLMAE(MaskedAutoencoder):
         torch._foreach_lerp_(teacher, student, applied * (1.0 - m))
         self.momentum = m
         return {"momentum": m}
+
+    def watch(self, step: int, logged: dict, say: bool) -> dict:
+        """The collapse alarm, on each logged step's values (means over micro-steps and ranks):
+        `collapse` 1 in the log while the teacher entropy has stayed outside the band for
+        `collapse_patience` logged steps, with a warning line (if `say`) when it starts."""
+        if not self.consistency or self.cfg.collapse_patience == 0 or "teacher_entropy" not in logged:
+            return {}
+        was = collapse(self.entropies, math.log(self.cfg.head_out), self.cfg.collapse_patience)
+        self.entropies = [*self.entropies, logged["teacher_entropy"]][-self.cfg.collapse_patience:]
+        state = collapse(self.entropies, math.log(self.cfg.head_out), self.cfg.collapse_patience)
+        if state and state != was and say:
+            warn(f"step {step}: GL-MAE's consistency targets collapsed ({state}): the teacher entropy "
+                 f"{logged['teacher_entropy']:.2f} nats (log K = {math.log(self.cfg.head_out):.2f}) has stayed "
+                 f"{'above 0.95' if state == 'uniform' else 'below 0.05'}·log K for {self.cfg.collapse_patience} "
+                 f"logged steps; the consistency term no longer teaches")
+        return {"collapse": float(state is not None)}
 
     def figure(self, batch: dict, path) -> None:
         from glmae.figures import recon_figure
