@@ -44,7 +44,8 @@ Choices beyond the paper (each a config option):
 
 Diagnostics, logged at every logging step: `teacher_entropy` (mean entropy of p_t),
 `teacher_mean_entropy` (entropy of the batch-mean p_t: low when every view gets the same sharp
-target; under DDP each rank's batch, averaged over the ranks, so it depends on the per-rank batch), `student_entropy_global` / `_local`, `kl_g2g` / `kl_l2g` (KL(p_t || p_s), the consistency
+target; under DDP each rank's batch, averaged over the ranks, so it depends on the per-rank
+batch), `student_entropy_global` / `_local`, `kl_g2g` / `kl_l2g` (KL(p_t || p_s), the consistency
 loss minus the teacher entropy: what the student still has to learn from the teacher) and
 `head_last_norm` (the norm of the head's last layer). The collapse alarm (`watch`): when the
 teacher entropy has stayed above 0.95·log K (uniform targets: no gradient) or below 0.05·log K
