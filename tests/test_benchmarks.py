@@ -166,3 +166,41 @@ def test_provenance_names_the_machine_and_the_command():
     assert provenance.command("/any/where/memory.py", ["--cases", "1"]) == "python benchmarks/memory.py --cases 1"
     described = provenance.machine()
     assert f"{os.cpu_count()} cores" in described and f"torch {torch.__version__}" in described
+
+
+RESULTS = BENCHMARKS / "results"
+
+
+def keys(rows):
+    return [sorted(r) for r in rows]
+
+
+def headings(md: str) -> list[str]:
+    """A report's sections and table header rows: what a rerun must write again, whatever its numbers."""
+    return [line.split(" (")[0] if line.startswith("# ") else line
+            for line in md.splitlines()
+            if line.startswith("#") or (line.startswith("| ") and not any(c.isdigit() for c in line))]
+
+
+def test_glmae_cost_minimal_run_writes_what_the_committed_results_hold(tmp_path):
+    load("glmae_cost").main(["--batch", "1", "--steps", "1", "--out", str(tmp_path / "glmae_cost.json")])
+    ours, committed = (json.loads((d / "glmae_cost.json").read_text()) for d in (tmp_path, RESULTS))
+    assert sorted(ours) == sorted(committed)
+    assert [r["variant"] for r in ours["steps"]] == [r["variant"] for r in committed["steps"]]
+    assert sorted(ours["parts"]) == sorted(committed["parts"])
+    assert sorted(ours["loader_volumes_per_s"]) == sorted(committed["loader_volumes_per_s"])
+    assert all(r["step_s"] > 0 for r in ours["steps"])
+    ours_md, committed_md = ((d / "glmae_cost.md").read_text() for d in (tmp_path, RESULTS))
+    assert headings(ours_md) == headings(committed_md)
+
+
+def test_memory_minimal_run_writes_what_the_committed_results_hold(tmp_path):
+    load("memory").main(["--cases", "1", "--sizes", "64", "--out", str(tmp_path / "memory.json")])
+    ours, committed = (json.loads((d / "memory.json").read_text()) for d in (tmp_path, RESULTS))
+    assert sorted(ours) == sorted(committed)
+    assert keys(ours["predict"]) == keys(committed["predict"][:1])
+    assert keys(ours["validation"]) == keys(committed["validation"][:1])  # the first row has no marginal cost
+    assert ours["predict"][0]["cases"] == 1 and ours["predict"][0]["peak_rss_mib"] > 0
+    assert ours["validation"][0]["within_bound"] in (True, False)
+    ours_md, committed_md = ((d / "memory.md").read_text() for d in (tmp_path, RESULTS))
+    assert headings(ours_md) == headings(committed_md)
