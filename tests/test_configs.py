@@ -19,12 +19,13 @@ REMOVED = {"swin_unetr": {"method.feature_size"}, "swin_unetr_tiny": {"method.fe
 # ViT's learned position table of imported weights (encoder.learned_pos_grid), a warm-up given in
 # epochs, activation checkpointing, torch.compile, the surface metrics' NSD tolerance and whether
 # fine-tuning validates with them, how --init adapts its input channels,
-# GMIM's entropy range on MRI, GL-MAE's collapse alarm (it only logs and warns)
+# GMIM's entropy range on MRI, GL-MAE's collapse alarm (it only logs and warns), WT/TC/ET regions
+# from BraTS labels (only data sets labelled as BraTS sub-regions meet it)
 ADDED = {"data.image_size": None, "method.view_scale": None, "method.flip_axes": [0, 1, 2],
          "encoder.learned_pos_grid": None,
          "optim.warmup_epochs": 0.0, "train.grad_checkpoint": False, "train.compile": False,
          "method.nsd_tolerance": 1.0, "method.validate_surface": False, "method.init_channels": "average",
-         "method.entropy_percentiles": [0.5, 99.5], "method.collapse_patience": 10}
+         "method.entropy_percentiles": [0.5, 99.5], "method.collapse_patience": 10, "method.brats_regions": True}
 # fields set to the papers' values since (see PAPERS): MAE3D's lr was 40x below SelfMedMAE's, and
 # its steps, batch and warm-up were not SelfMedMAE's; UNETR fine-tunes 3000 epochs as GL-MAE's paper
 CHANGED = {
@@ -136,6 +137,14 @@ PAPERS = {
     # MONAI's Swin-UNETR BTCV recipe: lr 1e-4, wd 1e-5, 1 x 4 crops of 96³, 30k steps
     "swin_unetr": dict(batch=4, peak_lr=1e-4, steps=30000, warmup=None, views={"roi": [96, 96, 96]},
                        weight_decay=1e-5),
+    # SelfMedMAE unetr_msdbrats_1gpu: lr 3.44e-2 x batch 6 / 256, one 128³ crop per volume, 400 epochs
+    # with 10 warm-up, AdamW (0.9, 0.95), wd 0.05, layer decay 0.75
+    "unetr_brats": dict(batch=6, peak_lr=3.44e-2 * 6 / 256, epochs=400, warmup=("epochs", 10),
+                        views={"roi": [128, 128, 128]}, weight_decay=0.05, betas=[0.9, 0.95], layer_decay=0.75),
+    # MONAI's Swin-UNETR BraTS 2021 recipe (GMIM's BraTS fine-tuning builds on it): lr 1e-4, wd 1e-5,
+    # 300 epochs with 50 warm-up, 128³ crops, batch 1 on each of 4 GPUs
+    "swin_unetr_brats": dict(batch=4, peak_lr=1e-4, epochs=300, warmup=("epochs", 50),
+                             views={"roi": [128, 128, 128]}, weight_decay=1e-5),
     # SelfMedMAE mae_cxr14: lr 1.5e-4 x 256 / 256, 800 epochs with 40 warm-up, 224², mask 0.75
     "mae2d_vit_base": dict(batch=256, peak_lr=1.5e-4, epochs=800, warmup=("epochs", 40),
                            views={"roi": [224, 224, 1]}, mask_ratio=0.75, weight_decay=0.05, betas=[0.9, 0.95]),

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from glmae.data.formats import Case, load_dataset, scan_dataset
+from glmae.data.formats import Case, brats_regions, load_dataset, scan_dataset
 from glmae.errors import InputError
 
 VOLUME = np.zeros((8, 8, 8), np.float32)
@@ -65,6 +65,33 @@ def test_msd_multichannel_declares_channels(tmp_path):
     assert ds.modalities == ("FLAIR", "T1w", "t1gd", "T2w")
     assert ds.cases[0].images == (tmp_path / "imagesTr/BRATS_001.nii.gz",)  # one 4D file
     assert ds.label_values == {0, 1, 2, 3}
+
+
+MSD_TASK01 = {0: "background", 1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumour"}
+
+
+@pytest.mark.parametrize("labels,expected", [
+    (MSD_TASK01, ("MSD Task01", {"WT": [1, 2, 3], "TC": [2, 3], "ET": [3]})),
+    ({1: "Oedema", 2: "necrosis", 3: "Enhancing"}, ("MSD Task01", {"WT": [1, 2, 3], "TC": [2, 3], "ET": [3]})),
+    ({0: "background", 1: "NCR", 2: "ED", 4: "ET"}, ("BraTS 2021", {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]})),
+    ({0: "background", 1: "necrotic tumor core", 2: "peritumoral edematous/invaded tissue", 4: "GD-enhancing tumor"},
+     ("BraTS 2021", {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]})),
+    ({0: "background", 1: "NCR/NET", 2: "edema", 4: "enhancing tumor"},
+     ("BraTS 2021", {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]})),
+])
+def test_brats_labels_map_to_whole_tumour_tumour_core_and_enhancing_tumour(labels, expected):
+    assert brats_regions(labels) == expected
+
+
+@pytest.mark.parametrize("labels", [
+    {0: "background", 1: "spleen"},
+    {0: "background", 1: "edema", 2: "enhancing tumour", 3: "non-enhancing tumor"},  # Task01's names, other values
+    {0: "background", 1: "NCR", 2: "ED", 3: "ET"},  # BraTS 2021's names on MSD's values
+    {0: "background", 1: "edema", 2: "non-enhancing tumor"},  # no enhancing tumour
+    {0: "background", 1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumour", 4: "cyst"},
+])
+def test_other_labels_have_no_brats_regions(labels):
+    assert brats_regions(labels) is None
 
 
 def test_nnunet_multichannel(tmp_path, write_nifti):

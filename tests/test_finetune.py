@@ -187,6 +187,26 @@ def test_resolve_records_options_labels_regions_and_intensity():
         resolve(load_config("unetr_tiny", ["method.roi=[60,64,48]"]), dataset, "none", "e2e", 1.0, 0)
 
 
+@pytest.mark.parametrize("labels,regions", [
+    ({0: "background", 1: "edema", 2: "non-enhancing tumor", 3: "enhancing tumour"},
+     {"WT": [1, 2, 3], "TC": [2, 3], "ET": [3]}),
+    ({0: "background", 1: "NCR", 2: "ED", 4: "ET"}, {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]}),
+])
+def test_brats_labels_train_wt_tc_et_regions_unless_turned_off_or_set(labels, regions, capsys):
+    from glmae.finetune import resolve
+
+    dataset = DataSet(Path("/data"), "brats", ("FLAIR", "T1w", "t1gd", "T2w"), labels, _dataset(3).cases, "msd")
+    m = resolve(load_config("unetr_brats_tiny"), dataset, "none", "e2e", 1.0, 0).method
+    assert m.regions == regions and m.labels == labels
+    assert f"regions: WT {regions['WT']}, TC {regions['TC']}, ET {regions['ET']} from the data set's" in \
+        capsys.readouterr().err
+    assert resolve(load_config("unetr_tiny"), dataset, "none", "e2e", 1.0, 0).method.regions == regions  # any config
+    off = resolve(load_config("unetr_brats_tiny", ["method.brats_regions=false"]), dataset, "none", "e2e", 1.0, 0)
+    assert off.method.regions == {} and off.method.labels == labels  # softmax over the labels
+    own = resolve(load_config("unetr_brats_tiny", ["method.regions={tumour: [1, 2]}"]), dataset, "none", "e2e", 1.0, 0)
+    assert own.method.regions == {"tumour": [1, 2]}
+
+
 def test_options_set_in_the_config_are_kept_unless_given_on_the_command_line():
     from glmae.finetune import resolve
 

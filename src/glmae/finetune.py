@@ -26,7 +26,9 @@ weights (`glmae import`, `encoder.learned_pos_grid`) is resampled for another to
 
 The resolved config records the options (`method.mode`, `init`, `label_fraction`, `split_seed`),
 the label names and values (`method.labels`, `method.regions`, from the data set when the config
-leaves them empty) and the intensity mode, so checkpoints describe themselves.
+leaves them empty; WT/TC/ET regions when the labels are BraTS sub-regions, see
+`glmae.data.formats.brats_regions` and `method.brats_regions`) and the intensity mode, so
+checkpoints describe themselves.
 """
 
 from __future__ import annotations
@@ -201,6 +203,7 @@ def resolve(cfg: Config, dataset, init: str | None, mode: str | None, label_frac
 def _resolve_labels(cfg: Config, dataset, say: bool) -> Config:
     """Segmentation: label names and values (or regions) from the data set, the network checked,
     the intensity mode resolved."""
+    from glmae.data.formats import brats_regions
     from glmae.methods.segmentation import check_network
 
     method = cfg.method
@@ -209,6 +212,12 @@ def _resolve_labels(cfg: Config, dataset, say: bool) -> Config:
                          "classifier on them)", dataset.root)
     regions = {name: list(values) for name, values in (method.regions or dataset.regions).items()}
     labels = dict(method.labels or dataset.labels)
+    brats = brats_regions(labels) if not regions and method.brats_regions else None
+    if brats:
+        convention, regions = brats
+        if say:
+            print(f"regions: {', '.join(f'{k} {v}' for k, v in regions.items())} from the data set's {convention} "
+                  "labels (--set method.brats_regions=false: softmax over the labels)", file=sys.stderr, flush=True)
     if not labels and not regions:
         raise InputError("the data set declares no `labels`; set them with --set method.labels=...", dataset.root)
     labels.setdefault(0, "background")

@@ -408,6 +408,42 @@ def _indexed(raw, key: str, path: Path) -> tuple[str, ...]:
     raise InputError(f"`{key}` must map channel indices 0, 1, ... to names, got {raw!r}", path)
 
 
+# BraTS label conventions: label value -> sub-region (oedema; the tumour core's necrotic or
+# non-enhancing part; enhancing tumour). MSD Task01 (and nnU-Net's BraTS conversions) number them
+# 1 edema, 2 non-enhancing tumor, 3 enhancing tumour; BraTS 2017-2021 1 necrotic tumour core (NCR,
+# NCR/NET), 2 peritumoral edema (ED), 4 GD-enhancing tumour (ET).
+BRATS_CONVENTIONS = {
+    "MSD Task01": {1: "oedema", 2: "core", 3: "enhancing"},
+    "BraTS 2021": {1: "core", 2: "oedema", 4: "enhancing"},
+}
+
+
+def _sub_region(name: str) -> str | None:
+    """The BraTS sub-region a label name means ('oedema', 'core', 'enhancing'), or None."""
+    n = re.sub(r"[^a-z]", "", name.lower())
+    if n in ("ncr", "net", "ncrnet") or "necro" in n or "nonenhancing" in n:
+        return "core"
+    if n == "ed" or "edema" in n:  # also oedema, edematous
+        return "oedema"
+    if n == "et" or "enhancing" in n:
+        return "enhancing"
+    return None
+
+
+def brats_regions(labels: dict[int, str]) -> tuple[str, dict[str, list[int]]] | None:
+    """(convention, {"WT": values, "TC": values, "ET": values}) when the labels (value -> name,
+    background aside) are one of `BRATS_CONVENTIONS`, recognised by their values and names
+    (`edema`, `non-enhancing tumor`, `enhancing tumour`; `NCR`, `ED`, `ET`; ...); else None.
+    Whole tumour = every sub-region, tumour core = core + enhancing, enhancing tumour = enhancing:
+    MSD Task01 WT [1, 2, 3], TC [2, 3], ET [3]; BraTS 2021 WT [1, 2, 4], TC [1, 4], ET [4]."""
+    named = {value: _sub_region(name) for value, name in labels.items() if value != 0}
+    for convention, parts in BRATS_CONVENTIONS.items():
+        if named == parts:
+            return convention, {"WT": sorted(parts), "TC": sorted(v for v, p in parts.items() if p != "oedema"),
+                                "ET": [v for v, p in parts.items() if p == "enhancing"]}
+    return None
+
+
 def _labels(raw, path: Path) -> tuple[dict[int, str], dict[str, tuple[int, ...]]]:
     """MSD {"0": "background"} or nnU-Net {"background": 0, "tumour": [1, 2]} -> (labels, regions)."""
     if not isinstance(raw, dict):

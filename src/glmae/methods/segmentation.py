@@ -9,7 +9,9 @@ Targets, chosen by the config:
 - regions (sigmoid, BraTS-style): one output channel per region, a region being a union of label
   values that may overlap others (`regions: {TC: [1, 4], WT: [1, 2, 4], ET: [4]}`). Loss: MONAI
   `DiceLoss(sigmoid)` + binary cross-entropy, nnU-Net's loss for regions (cross-entropy over
-  softmax would make overlapping regions compete).
+  softmax would make overlapping regions compete). Regions come from the config, else from the
+  data set (nnU-Net's region labels), else, with `brats_regions` (the default), from labels that
+  are BraTS sub-regions: WT, TC, ET of MSD Task01's or BraTS 2021's numbering.
 
 Sampling (a pure `(item, rng) -> sample` function run in DataLoader workers on the memory-mapped
 cache): a crop of `roi` centred, with probability `pos_fraction`, on a random foreground voxel
@@ -56,6 +58,9 @@ class SegmentationConfig(FinetuneConfig):
     norm: str = "instance"
     labels: dict[int, str] = field(default_factory=dict)  # value -> name; {} -> the data set's
     regions: dict[str, list[int]] = field(default_factory=dict)  # name -> values; sigmoid outputs
+    # with no regions set or declared: WT/TC/ET from BraTS labels (MSD Task01 or BraTS 2021,
+    # `glmae.data.formats.brats_regions`); false: softmax over the labels
+    brats_regions: bool = True
     pos_fraction: float = 0.5  # crops centred on foreground (pos:neg 1:1)
     flip_prob: float = 0.2  # per spatial axis
     jitter: float = 0.1  # intensity scale 1 ± j and shift ± j
