@@ -56,11 +56,13 @@ def synth(
         tuple[int, int, int] | None, typer.Option("--shape", help="Volume shape X Y Z.")
     ] = None,
     preview: Annotated[bool, typer.Option("--preview", help="Also write a PNG preview per case.")] = False,
-    kind: Annotated[str, typer.Option("--kind", help="abdomen: CT with the 13 BTCV organs (MSD layout); cxr: chest "
-                                                     "radiographs with 5 findings (PNG + ChestX-ray14 CSV, "
-                                                     "--shape H W 1).")] = "abdomen",
+    kind: Annotated[str, typer.Option("--kind", help="abdomen: CT with the 13 BTCV organs (MSD layout); brain: "
+                                                     "4-channel MRI with tumours (MSD Task01 layout and labels); "
+                                                     "cxr: chest radiographs with 5 findings (PNG + ChestX-ray14 "
+                                                     "CSV, --shape H W 1).")] = "abdomen",
 ):
-    """Write synthetic data with labels; abdominal CT with 13 organs by default, chest X-rays with --kind cxr."""
+    """Write synthetic data with labels; abdominal CT with 13 organs by default, brain MRI with tumours with
+    --kind brain, chest X-rays with --kind cxr."""
     from glmae.synth import KINDS
 
     if kind not in KINDS:

@@ -17,9 +17,7 @@ the docstrings below are adult sizes scaled by about 0.55.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -28,16 +26,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
 
-from glmae.errors import InputError
-from glmae.synth.common import (
-    SmoothField,
-    case_seed,
-    check_out_dir,
-    remove_stale,
-    save_nifti,
-    smooth_noise,
-    write_atomic,
-)
+from glmae.synth.common import SmoothField, centred_affine, check_shape, smooth_noise, write_msd
 
 LABELS: dict[int, str] = {
     1: "spleen",
@@ -69,10 +58,7 @@ class Case(NamedTuple):
 
 def affine_for(shape: tuple[int, int, int]) -> np.ndarray:
     """Diagonal RAS affine of the 192 mm field of view sampled on `shape`, centred on the origin."""
-    spacing = FOV_MM / np.asarray(shape, float)
-    aff = np.diag([*spacing, 1.0])
-    aff[:3, 3] = -(np.asarray(shape) - 1) / 2 * spacing
-    return aff
+    return centred_affine(shape, (FOV_MM,) * 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,20 +533,13 @@ def _ribs(ph: _Phantom, lm) -> None:
 # Cases, files, previews
 
 
-def _check_shape(shape) -> tuple[int, int, int]:
-    shape = tuple(int(n) for n in (DEFAULT_SHAPE if shape is None else shape))
-    if len(shape) != 3 or min(shape) < 16:
-        raise InputError(f"--shape: need three sizes of at least 16 voxels, got {shape}")
-    return shape
-
-
 def generate_case(seed: int, shape: tuple[int, int, int] | None = DEFAULT_SHAPE) -> Case:
     """One phantom: image (X, Y, Z) int16 HU, label (X, Y, Z) uint8, RAS affine (4, 4).
 
     The same seed and shape give identical arrays; `shape` only sets the resolution of the fixed
     192 mm field of view (the anatomy of a seed is the same at every shape, the noise is not).
     """
-    shape = _check_shape(shape)
+    shape = check_shape(shape, DEFAULT_SHAPE)
     rng, noise_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     ph = _Phantom(rng, noise_rng, shape)
     lm = _body(ph)
@@ -622,31 +601,11 @@ def save_preview(case: Case, path: str | Path) -> None:
 
 def write_dataset(out_dir: str | Path, cases: int = 10, seed: int = 0,
                   shape: tuple[int, int, int] | None = None, preview: bool = False) -> Path:
-    """Write `cases` phantoms in the MSD layout and return `out_dir`.
-
+    """Write `cases` phantoms in the MSD layout and return `out_dir` (`glmae.synth.common.write_msd`):
     OUT/dataset.json, OUT/imagesTr/case_NNNN.nii.gz (int16 HU), OUT/labelsTr/case_NNNN.nii.gz
     (uint8, `LABELS`), and with `preview` OUT/preview/case_NNNN.png (see `save_preview`). Case i
-    is `generate_case(case_seed(seed, i), shape)`, so it does not depend on `cases`.
-
-    `out_dir` must be missing, empty, or a glmae synth data set of the same seed, shape and
-    generator version; anything else is refused with InputError, so old and new cases never mix.
-    In a data set of the same recipe, cases already on disk are kept (they are identical), missing
-    ones are written and cases numbered `cases` or more are deleted, so dataset.json (written
-    first) always lists exactly the cases of this run. Every file is written under a temporary
-    name and renamed: an interrupted run leaves only whole files and the same command finishes it.
-    """
-    from rich.console import Console
-    from rich.progress import Progress
-
-    shape = _check_shape(shape)
-    if cases < 1:
-        raise InputError(f"--cases: need at least 1, got {cases}")
-    if seed < 0:
-        raise InputError(f"--seed: need a non-negative integer, got {seed}")
-    out = Path(out_dir)
-    recipe = {"seed": seed, "shape": list(shape), "version": VERSION}
-    check_out_dir(out, recipe)
-    names = [f"case_{i:04d}" for i in range(cases)]
+    is `generate_case(case_seed(seed, i), shape)`."""
+    shape = check_shape(shape, DEFAULT_SHAPE)
     meta = {
         "name": "glmae-synth-abdomen",
         "description": "Synthetic portal-venous abdominal CT phantoms with BTCV organ labels (glmae synth)",
@@ -654,32 +613,6 @@ def write_dataset(out_dir: str | Path, cases: int = 10, seed: int = 0,
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
         "labels": {"0": "background", **{str(i): n for i, n in LABELS.items()}},
-        "numTraining": cases,
-        "numTest": 0,
-        "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in names],
-        "test": [],
-        "glmae_synth": recipe,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "dataset.json", (json.dumps(meta, indent=2) + "\n").encode())
-    folders = [out / "imagesTr", out / "labelsTr"] + ([out / "preview"] if preview else [])
-    for folder in folders:
-        folder.mkdir(exist_ok=True)
-    remove_stale(out, cases)
-    console = Console(stderr=True)
-    start = time.perf_counter()
-    with Progress(console=console, disable=not console.is_terminal, transient=True) as progress:
-        for i in progress.track(range(cases), description="glmae synth"):
-            files = [out / "imagesTr" / f"{names[i]}.nii.gz", out / "labelsTr" / f"{names[i]}.nii.gz"]
-            png = out / "preview" / f"{names[i]}.png"
-            if all(f.exists() for f in files) and (png.exists() or not preview):
-                continue
-            case = generate_case(case_seed(seed, i), shape)
-            for array, f in zip(case[:2], files):
-                if not f.exists():
-                    save_nifti(array, case.affine, f)
-            if preview:
-                save_preview(case, png)
-    console.print(f"glmae synth: {cases} cases in {out} ({time.perf_counter() - start:.1f} s)", highlight=False)
-    return out
-
+    recipe = {"seed": seed, "shape": list(shape), "version": VERSION}
+    return write_msd(out_dir, cases, seed, shape, preview, meta, recipe, generate_case, save_preview)

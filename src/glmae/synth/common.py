@@ -1,11 +1,14 @@
-"""What every phantom generator shares: seeds, smooth random fields, atomic NIfTI writes and the
-rule that an output folder holds one recipe's data set only."""
+"""What every phantom generator shares: seeds, smooth random fields, the centred RAS grid, atomic
+NIfTI writes, the MSD writer of the volume phantoms and the rule that an output folder holds one
+recipe's data set only."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,23 @@ class SmoothField:
         """Displacement (N, 3) at points (N, 3)."""
         f = np.cos(self.k[None] * pts[:, None, None, :] + self.phase[None])  # (N, 3, terms, 3)
         return (self.amp[None] * f.prod(-1)).sum(-1)
+
+
+def check_shape(shape, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    """`shape` (None: `default`) as three ints of at least 16, else InputError naming --shape."""
+    shape = tuple(int(n) for n in (default if shape is None else shape))
+    if len(shape) != 3 or min(shape) < 16:
+        raise InputError(f"--shape: need three sizes of at least 16 voxels, got {shape}")
+    return shape
+
+
+def centred_affine(shape: tuple[int, int, int], fov_mm) -> np.ndarray:
+    """Diagonal RAS affine (4, 4) of a field of view `fov_mm` (per axis) sampled on `shape`, its
+    centre at the world origin."""
+    spacing = np.asarray(fov_mm, float) / np.asarray(shape, float)
+    aff = np.diag([*spacing, 1.0])
+    aff[:3, 3] = -(np.asarray(shape) - 1) / 2 * spacing
+    return aff
 
 
 def smooth_noise(rng, shape, sigma: float) -> np.ndarray:
@@ -100,3 +120,62 @@ def remove_stale(out: Path, cases: int, layout=NIFTI_LAYOUT) -> None:
             if f.name.endswith(".partial") or (
                     name.endswith(suffix) and name[5:-len(suffix)].isdigit() and int(name[5:-len(suffix)]) >= cases):
                 f.unlink()
+
+
+def write_msd(out_dir: str | Path, cases: int, seed: int, shape: tuple[int, int, int], preview: bool, meta: dict,
+              recipe: dict, generate: Callable, save_preview: Callable) -> Path:
+    """Write `cases` phantoms in the MSD layout and return `out_dir`.
+
+    OUT/dataset.json (`meta`, which names the data set, its modality and labels, plus the case
+    lists), OUT/imagesTr/case_NNNN.nii.gz, OUT/labelsTr/case_NNNN.nii.gz and with `preview`
+    OUT/preview/case_NNNN.png. Case i is `generate(case_seed(seed, i), shape)` (anything with
+    `image`, `label` and `affine`), so it does not depend on `cases`; `save_preview(case, path)`.
+
+    `out_dir` must be missing, empty, or a glmae synth data set of the same `recipe` (seed, shape,
+    generator version, ...); anything else is refused with InputError, so old and new cases never
+    mix. In a data set of the same recipe, cases already on disk are kept (they are identical),
+    missing ones are written and cases numbered `cases` or more are deleted, so dataset.json
+    (written first) always lists exactly the cases of this run. Every file is written under a
+    temporary name and renamed: an interrupted run leaves only whole files and the same command
+    finishes it.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    if cases < 1:
+        raise InputError(f"--cases: need at least 1, got {cases}")
+    if seed < 0:
+        raise InputError(f"--seed: need a non-negative integer, got {seed}")
+    out = Path(out_dir)
+    check_out_dir(out, recipe)
+    names = [f"case_{i:04d}" for i in range(cases)]
+    meta = {
+        **meta,
+        "numTraining": cases,
+        "numTest": 0,
+        "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in names],
+        "test": [],
+        "glmae_synth": recipe,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "dataset.json", (json.dumps(meta, indent=2) + "\n").encode())
+    folders = [out / "imagesTr", out / "labelsTr"] + ([out / "preview"] if preview else [])
+    for folder in folders:
+        folder.mkdir(exist_ok=True)
+    remove_stale(out, cases)
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    with Progress(console=console, disable=not console.is_terminal, transient=True) as progress:
+        for i in progress.track(range(cases), description="glmae synth"):
+            files = [out / "imagesTr" / f"{names[i]}.nii.gz", out / "labelsTr" / f"{names[i]}.nii.gz"]
+            png = out / "preview" / f"{names[i]}.png"
+            if all(f.exists() for f in files) and (png.exists() or not preview):
+                continue
+            case = generate(case_seed(seed, i), shape)
+            for array, f in zip((case.image, case.label), files):
+                if not f.exists():
+                    save_nifti(array, case.affine, f)
+            if preview:
+                save_preview(case, png)
+    console.print(f"glmae synth: {cases} cases in {out} ({time.perf_counter() - start:.1f} s)", highlight=False)
+    return out
