@@ -2,6 +2,7 @@
 non-finite losses and signals (data parallelism: test_engine_distributed.py)."""
 
 import os
+import re
 import signal
 import types
 
@@ -161,6 +162,46 @@ def test_garbage_checkpoint_is_refused(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="bad.pt"):
         checkpoint.load(bad)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_damaged_checkpoint_is_an_input_error_wherever_it_is_cut_or_changed(legacy, tmp_path):
+    """torch's reader fails on damaged bytes with a dozen exception types (EOFError, KeyError,
+    UnicodeDecodeError, IndexError, struct.error, AssertionError, ...): each must be one InputError."""
+    import io
+    import random
+
+    buf = io.BytesIO()
+    torch.save({"format": checkpoint.FORMAT, "model": {"w": torch.arange(12.0).reshape(3, 4)}, "step": 3,
+                "config": {"name": "x", "lr": [1e-3, 2.0]}}, buf, _use_new_zipfile_serialization=not legacy)
+    data, rng, path = buf.getvalue(), random.Random(0), tmp_path / "bad.pt"
+    damaged = [data[:n] for n in range(1, len(data), 3)]
+    for _ in range(300):
+        flipped = bytearray(data)
+        flipped[rng.randrange(len(data))] = rng.randrange(256)
+        damaged.append(bytes(flipped))
+    refused = 0
+    for content in damaged:
+        path.write_bytes(content)
+        try:
+            checkpoint.read(path)
+        except InputError as err:
+            refused += 1
+            assert str(path) in str(err) and "\n" not in str(err) and len(str(err)) < 300, err
+    assert refused >= len(damaged) // 2  # most damage is seen (a flipped byte in a tensor's data is not)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"hello\n", "not a PyTorch checkpoint: neither a zip archive nor a pickle"),
+    (b"\x1f\x8b\x08\x00 a NIfTI image", "neither a zip archive nor a pickle (gzip-compressed: an image?)"),
+    (b"\x80\x02\xff", "not a readable checkpoint (damaged: byte 255 is no pickle operation)"),  # a pickle's start
+], ids=["text", "gzip", "not a pickle operation"])
+def test_a_file_that_is_no_checkpoint_is_not_called_malicious(content, message, tmp_path):
+    path = tmp_path / "best.pt"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(message)) as err:
+        checkpoint.read(path)
+    assert "malicious" not in str(err.value)
 
 
 # --- training runs ----------------------------------------------------------------------------

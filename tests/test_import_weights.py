@@ -133,6 +133,14 @@ def _crafted(path):
                path)
 
 
+def _not_torch(path):
+    """A NIfTI image given where the weights go."""
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), path.with_suffix(".nii.gz"))
+    path.with_suffix(".nii.gz").rename(path)
+
+
 def _wrong_format(path):
     swin_release(path)
 
@@ -140,7 +148,9 @@ def _wrong_format(path):
 @pytest.mark.parametrize("make, message", [
     (_wrong_format, "--format monai-vit: none of its 126 tensors is a monai-vit encoder key (it looks like "
                     "--format monai-swinvit)"),
-    (_truncated, "not a readable checkpoint"),
+    (_truncated, "not a readable checkpoint (RuntimeError: PytorchStreamReader failed reading zip archive: failed "
+                 "finding central directory)\n"),
+    (_not_torch, "not a PyTorch checkpoint: neither a zip archive nor a pickle (gzip-compressed: an image?)\n"),
     (_crafted, "refusing to load: the file holds Python objects beyond tensors and plain values (possibly malicious; "
                "not executed)"),
 ])

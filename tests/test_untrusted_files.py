@@ -8,9 +8,10 @@ import pickle
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from badinputs import FINETUNE, PRETRAIN, clean_dataset, sets, untrained_checkpoint
+from badinputs import FINETUNE, PRETRAIN, clean_dataset, save, sets, untrained_checkpoint
 
 import glmae
 
@@ -183,6 +184,10 @@ def _exported(path: Path, good: Path) -> Path:
 ALL = ("finetune --init", "evaluate", "predict", "export")  # the commands that read glmae's checkpoints
 BAD_CHECKPOINTS = [  # (name, file name, make(path, good checkpoint), message, commands refusing it)
     ("empty file", "best.pt", lambda p, g: p.write_bytes(b"") or p, "empty file (0 bytes), not a checkpoint", ALL),
+    ("a text file", "best.pt", lambda p, g: p.write_bytes(b"epoch 300, dice 0.81\n") and p,
+     "not a PyTorch checkpoint: neither a zip archive nor a pickle", ALL),
+    ("an image given as the checkpoint", "scan.nii.gz", lambda p, g: save(p.parent, p.name, np.zeros((4, 4, 4))),
+     "not a PyTorch checkpoint: neither a zip archive nor a pickle (gzip-compressed: an image?)", ALL),
     ("no config", "best.pt", _edited(lambda s: s.pop("config")),
      "the checkpoint has no `config`: not written by glmae pretrain or finetune", ALL),
     ("invalid config", "best.pt", _edited(lambda s: s["config"]["encoder"].update(colour="blue")),

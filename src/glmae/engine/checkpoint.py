@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from glmae.errors import InputError
 
 FORMAT = "glmae-checkpoint/1"
 ENCODER_FORMAT = "glmae-encoder/1"  # safetensors metadata and encoder.json
+_PICKLE_OPCODES = {op.code for op in pickletools.opcodes}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -115,14 +116,25 @@ def is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
 
 
-def _unpickling_reason(err: Exception) -> str:
-    """What torch's (long) refusal names: the forbidden global, or the pickle operation."""
+def _refusal(err: pickle.UnpicklingError) -> str:
+    """The line for torch's (long) refusal to unpickle: the forbidden global or pickle operation it
+    names; a byte that is no pickle operation at all means a damaged file, not a crafted one."""
     text = str(err)
+    refused = "refusing to load: the file holds Python objects beyond tensors and plain values (possibly malicious; " \
+              "not executed)"
     found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if found:
-        return f": it calls {found[1]}"
+        return f"{refused}: it calls {found[1]}"
     found = re.search(r"Unsupported operand (\d+)", text)
-    return f": unsupported pickle operation {found[1]}" if found else ""
+    if found and chr(int(found[1])) not in _PICKLE_OPCODES:
+        return f"not a readable checkpoint (damaged: byte {found[1]} is no pickle operation)"
+    return refused + (f": unsupported pickle operation {found[1]}" if found else "")
+
+
+def _first_sentence(err: Exception) -> str:
+    """The exception's kind and the first sentence of its text, without torch's paragraphs of advice."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0].split('. ')[0]}" if text else type(err).__name__
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -159,19 +171,21 @@ def read(path: Path, allowed: list | tuple = ()) -> Any:
         raise InputError("checkpoint not found", path)
     if path.stat().st_size == 0:
         raise InputError("empty file (0 bytes), not a checkpoint", path)
+    if is_safetensors(path):
+        raise InputError("is a safetensors file, not a PyTorch checkpoint (torch.save)", path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: a zip, or a pickle
+        kind = " (gzip-compressed: an image?)" if head.startswith(b"\x1f\x8b") else ""
+        raise InputError(f"not a PyTorch checkpoint: neither a zip archive nor a pickle{kind}", path)
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
             warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols: the line below says enough
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise InputError(
-            f"refusing to load: the file holds Python objects beyond tensors and plain values "
-            f"(possibly malicious; not executed){_unpickling_reason(err)}",
-            path,
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"not a readable checkpoint ({reason})", path) from None
+        raise InputError(_refusal(err), path) from None
+    except Exception as err:  # a damaged file fails anywhere in torch's reader, with any exception type
+        raise InputError(f"not a readable checkpoint ({_first_sentence(err)})", path) from None
     return state
 
 
