@@ -209,3 +209,6 @@ def test_a_monai_swin_release_fine_tunes_in_swin_unetr(tmp_path, run_cli):
     assert f"(monai-swinvit (imported) encoder): loaded {len(weights)} tensors, missing 0, unexpected 0" in err
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert metrics["step"] == 3 and 0 <= metrics["mean_dice"] <= 1
+    tuned = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    moved = max((tuned[f"net.swinViT.{k}"].float() - v.float()).abs().max().item() for k, v in weights.items())
+    assert moved < 1e-3  # MONAI's weights, three small steps on (a fresh encoder differs by ~0.1)
