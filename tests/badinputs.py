@@ -238,6 +238,8 @@ CORPUS = [
     BadInput("zero affine", lambda r: _raw(r, _fields(srow_x=0, srow_y=0, srow_z=0)), IMAGE,
              "the sform affine is singular (zero or collinear axes"),
     BadInput("singular affine", lambda r: _raw(r, _singular), IMAGE, "the sform affine is singular"),
+    BadInput("non-finite affine", lambda r: _raw(r, _fields(srow_y=[0, np.inf, 0, 0])), IMAGE,
+             "the sform affine is not finite: [[1.5, 0.0, 0.0, 0.0], [0.0, inf, 0.0, 0.0]"),
     BadInput("huge declared shape", lambda r: _raw(r, _huge), IMAGE,
              "the header declares 2000x2000x2000 = 8,000,000,000 voxels, more than glmae reads in one file"),
     BadInput("payload shorter than declared", lambda r: _raw(r, lambda h: None, payload=1000), IMAGE,

@@ -190,6 +190,21 @@ def test_mask_names_drop_the_channel_suffix_only_for_nnunet_folders(model_checkp
     assert [p.name for p in (tmp_path / "file").iterdir()] == ["a_0000.nii.gz"]  # a single file keeps its name
 
 
+def test_upper_and_mixed_case_names_get_their_masks_in_a_folder_and_as_a_single_file(model_checkpoint, tmp_path,
+                                                                                       run_cli):
+    folder = scans(tmp_path / "scans", ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
+    for old, new in [("a.nii.gz", "A.NII.GZ"), ("b.nii.gz", "b.Nii.Gz")]:
+        (folder / old).rename(folder / new)
+    code, _, err = run_cli("predict", "--checkpoint", model_checkpoint, "--input", folder, "--out", tmp_path / "masks")
+    assert code == 0 and err == "", err
+    masks = sorted(p.name for p in (tmp_path / "masks").iterdir())
+    assert masks == ["A.nii.gz", "b.nii.gz", "c.nii.gz"]  # none skipped
+    code, _, err = run_cli("predict", "--checkpoint", model_checkpoint, "--input", folder / "b.Nii.Gz",
+                           "--out", tmp_path / "one")
+    assert code == 0 and err == "", err
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["b.nii.gz"]
+
+
 def test_a_multichannel_nnunet_folder_is_refused_by_a_single_channel_model(model_checkpoint, tmp_path, run_cli):
     folder = scans(tmp_path / "imagesTs", [f"{c}_{k:04d}.nii.gz" for c in "abc" for k in range(2)])
     before = contents(tmp_path)
