@@ -17,6 +17,8 @@ from test_export import _checkpoint
 from test_models_foreign import glmae_paper_state, monai_vit, randomised, release_layout
 
 from glmae.engine.run import read_encoder
+from glmae.models.swin import SwinConfig
+from glmae.models.vit import ViTConfig
 
 
 def swin_release(path, feature_size=12, window=4):
@@ -212,3 +214,35 @@ def test_a_monai_swin_release_fine_tunes_in_swin_unetr(tmp_path, run_cli):
     tuned = torch.load(tmp_path / "ft" / "checkpoints" / "last.pt", weights_only=True)["model"]
     moved = max((tuned[f"net.swinViT.{k}"].float() - v.float()).abs().max().item() for k, v in weights.items())
     assert moved < 1e-3  # MONAI's weights, three small steps on (a fresh encoder differs by ~0.1)
+
+
+# The published encoders, as their sources define them
+PUBLISHED = {
+    # GL-MAE (JiaxinZhuang/GL-MAE, Finetune/models_3dvit.py): vit_base_patch16_3d at img_size 96, its
+    # position table fixed (requires_grad=False)
+    "glmae-paper": ViTConfig(patch_size=16, width=768, depth=12, heads=12),
+    # SelfMedMAE (configs/mae3d_btcv_1gpu.yaml): patch 16, encoder 768 wide, 12 blocks, 12 heads, sincos
+    "selfmedmae": ViTConfig(patch_size=16, width=768, depth=12, heads=12),
+    # model_swinvit.pt (research-contributions SwinUNETR/Pretrain/models/ssl_head.py, feature_size 48)
+    "monai-swinvit": SwinConfig(feature_size=48, depths=(2, 2, 2, 2), heads=(3, 6, 12, 24), window=7, patch_size=2),
+    # MONAI's ViT pre-training tutorial: ViTAutoEnc(img_size 96, patch 16, hidden 768, 12 layers, 12 heads),
+    # a learned table of 6x6x6 tokens
+    "monai-vit": ViTConfig(patch_size=16, width=768, depth=12, heads=12, learned_pos_grid=(6, 6, 6)),
+}
+
+
+def test_the_readmes_fine_tuning_command_per_format_is_what_import_prints_for_the_published_encoder():
+    from pathlib import Path
+
+    from glmae.import_weights import finetune_hint
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Fine-tune from published weights")[1].split("\n## ")[0].replace("\\\n", " ")
+    commands = [line.split() for line in section.splitlines() if line.strip().startswith("glmae ")]
+    found = {}
+    for imported, tuned in zip(commands[::2], commands[1::2]):
+        assert imported[:3] == ["glmae", "import", "--format"] and tuned[:2] == ["glmae", "finetune"], (imported, tuned)
+        out = imported[imported.index("--out") + 1]
+        assert tuned[tuned.index("--init") + 1] == out
+        found[imported[3]] = " ".join(tuned[2:tuned.index("--init")])
+    assert found == {fmt: finetune_hint(cfg) for fmt, cfg in PUBLISHED.items()}
