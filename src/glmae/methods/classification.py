@@ -37,7 +37,7 @@ from glmae.errors import InputError
 from glmae.methods.finetuning import FinetuneConfig, FineTuner
 from glmae.metrics.classification import summarise_auc
 from glmae.models.patches import token_grid
-from glmae.models.vit import ViT, ViTConfig, layer_of
+from glmae.models.vit import ViT, ViTBackbone, ViTConfig
 
 
 @register_method("classifier")
@@ -52,7 +52,7 @@ class ClassifierConfig(FinetuneConfig):
     eval_batch_size: int = 16  # images per forward pass in evaluation and prediction
 
 
-class ViTClassifier(nn.Module):
+class ViTClassifier(ViTBackbone, nn.Module):
     """(N, C, H, W, 1) -> logits (N, K): mean-pooled ViT tokens, LayerNorm, linear head."""
 
     def __init__(self, encoder: ViTConfig, n_classes: int):
@@ -62,17 +62,6 @@ class ViTClassifier(nn.Module):
         self.head = nn.Linear(encoder.width, n_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
-
-    @property
-    def encoder(self) -> ViT:
-        return self.vit
-
-    @property
-    def num_layers(self) -> int:
-        return self.vit.cfg.depth + 1
-
-    def layer_of(self, name: str) -> int:
-        return layer_of(name, self.vit.cfg.depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.vit(x)

@@ -33,7 +33,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock,
 from torch import nn
 
 from glmae.models.patches import Patch, patch_shape, token_grid
-from glmae.models.vit import ViT, ViTConfig, layer_of
+from glmae.models.vit import ViT, ViTBackbone, ViTConfig
 
 
 def num_stages(patch: Patch) -> int:
@@ -57,7 +57,7 @@ def skip_blocks(depth: int, patch: Patch) -> tuple[int, ...]:
     return blocks
 
 
-class UNETR(nn.Module):
+class UNETR(ViTBackbone, nn.Module):
     """(N, C, X, Y, Z) -> logits (N, out_channels, X, Y, Z); sides must be multiples of the patch."""
 
     def __init__(self, encoder: ViTConfig, out_channels: int, feature_size: int = 16, norm_name: str = "instance"):
@@ -81,20 +81,6 @@ class UNETR(nn.Module):
             self.add_module(f"decoder{k + 2}", up)
         self.out = UnetOutBlock(spatial_dims=3, in_channels=f, out_channels=out_channels)
         self.stages = stages
-
-    @property
-    def encoder(self) -> ViT:
-        """The pretrained part: initialised by `--init`, frozen in linear mode, exported alone."""
-        return self.vit
-
-    @property
-    def num_layers(self) -> int:
-        return self.vit.cfg.depth + 1
-
-    def layer_of(self, name: str) -> int:
-        """Layer of parameter `name` for layer-wise lr decay: 0 the patch embedding, i + 1 block i,
-        `num_layers` everything above the blocks (final norm, decoder)."""
-        return layer_of(name, self.vit.cfg.depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = token_grid(x.shape[2:], self.patch)

@@ -220,6 +220,27 @@ class ViT(nn.Module):
         return self.norm(tokens), hidden
 
 
+class ViTBackbone:
+    """What fine-tuning needs of a network built on a ViT held as `self.vit` (UNETR, the image
+    classifier): the `encoder` that --init loads (frozen in linear mode, exported alone) and its
+    layers for layer-wise lr decay (`layer_of`)."""
+
+    vit: ViT
+
+    @property
+    def encoder(self) -> ViT:
+        return self.vit
+
+    @property
+    def num_layers(self) -> int:
+        return self.vit.cfg.depth + 1
+
+    def layer_of(self, name: str) -> int:
+        """Layer of parameter `name`: 0 the patch embedding, i + 1 block i, `num_layers` everything
+        above the blocks (final norm, decoder or head)."""
+        return layer_of(name, self.vit.cfg.depth)
+
+
 def layer_of(name: str, depth: int, prefix: str = "vit.") -> int:
     """Layer of parameter `name` of a network holding a ViT at `prefix`, for layer-wise lr decay:
     0 the patch embedding, i + 1 block i, depth + 1 everything above the blocks (final norm, the
