@@ -36,8 +36,12 @@ def test_demo_writes_a_report_with_every_organ_both_models_and_its_figures(tmp_p
     splits = json.loads((out / "finetune_glmae" / "splits.json").read_text())
     assert splits["val"] and splits["test"] and not set(splits["val"]) & set(splits["test"])
     for name in ("glmae", "scratch"):
-        scored = [c["case"] for c in json.loads((out / f"metrics_{name}.json").read_text())["per_case"]]
-        assert scored == splits["test"]
+        for suffix in ("", "_last"):  # the best checkpoint on validation, and the last one
+            scored = [c["case"] for c in json.loads((out / f"metrics_{name}{suffix}.json").read_text())["per_case"]]
+            assert scored == splits["test"]
+    last = {name: json.loads((out / f"metrics_{name}_last.json").read_text())["mean_dice"]
+            for name in ("scratch", "glmae")}
+    assert f"mean Dice: scratch {last['scratch']:.3f}, GL-MAE {last['glmae']:.3f}." in text
     # a second run finds every training stage done and only rewrites the report
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoints/last.pt")}
     assert len(stamps) == 3

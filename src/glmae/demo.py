@@ -1,15 +1,18 @@
 """`glmae demo`: the whole story on built-in phantoms, in one command.
 
-1. Synthesise phantoms and split them: an unlabelled pre-training pool, a few labelled training
-   cases, held-out test cases (datalists `pretrain.json` and `finetune.json` beside the images).
+1. Synthesise phantoms in four disjoint sets (`glmae.synth.study`): an unlabelled pre-training
+   pool, a few labelled training cases, validation cases and test cases (datalists `pretrain.json`
+   and `finetune.json` beside the images).
 2. Pre-train GL-MAE on the pool (labels never read).
 3. Fine-tune UNETR from the GL-MAE encoder and from scratch, with the same few labels and the same
-   budget.
-4. Evaluate both on the test cases; predict one test case with both.
+   budget; each keeps its best checkpoint on the validation cases.
+4. Evaluate both once on the test cases, with the best checkpoint and with the last one (which
+   involves no selection at all); predict one test case with both.
 5. Write `report.md`: Dice per organ for both, pre-training curves, reconstructions, a per-organ bar
    chart and prediction overlays.
 
-Stages whose results exist are skipped, and an interrupted training stage resumes, so re-running
+Training stages are keyed by a digest of their config and data (`glmae.engine.run.run_stage`):
+finished ones are reused only for the same setting and an interrupted one resumes, so re-running
 the same command after an interruption finishes the demo.
 """
 
@@ -117,7 +120,7 @@ def _figures(out: Path, metrics: dict, runs: dict[str, Path], pretrain_run: Path
     return figs
 
 
-def write_report(out: Path, plan: Plan, metrics: dict, figs: dict, seconds: float) -> Path:
+def write_report(out: Path, plan: Plan, metrics: dict, last: dict, figs: dict, seconds: float) -> Path:
     from glmae.synth import FOV_MM
 
     spacing = "x".join(f"{FOV_MM / n:g}" for n in plan.shape)
@@ -134,7 +137,12 @@ def write_report(out: Path, plan: Plan, metrics: dict, figs: dict, seconds: floa
         "",
         "## Dice on the test cases",
         "",
+        "Best checkpoint on the validation cases:",
+        "",
         *_dice_table(metrics),
+        "",
+        "Last checkpoint (no selection at all), mean Dice: "
+        + ", ".join(f"{name} {m['mean_dice']:.3f}" for name, m in last.items()) + ".",
         "",
         f"![Dice per organ]({figs['bars']})",
         "",
@@ -158,7 +166,7 @@ def write_report(out: Path, plan: Plan, metrics: dict, figs: dict, seconds: floa
         "    glmae demo --out RUN" + (" --quick" if plan == QUICK else ""),
         "",
         "Run folders: `pretrain/`, `finetune_glmae/`, `finetune_scratch/` (configs, logs, TensorBoard, "
-        "checkpoints); metrics: `metrics_*.json`.",
+        "checkpoints); test metrics: `metrics_*.json` (best checkpoint), `metrics_*_last.json`.",
         "",
     ]
     path = out / "report.md"
@@ -207,14 +215,17 @@ def demo(out: str | Path, quick: bool = False, plan: Plan | None = None) -> Path
             run_stage("finetune", runs[name], finetune, ft_cfg, str(labelled), init=init, mode="e2e",
                       label_fraction=1.0, split_seed=plan.seed)
         stage(4)
-        metrics = {
-            name: evaluate(run / "checkpoints" / "best.pt", str(labelled), out / f"metrics_{run.name[9:]}.json",
-                           split="test")
-            for name, run in runs.items()
-        }
+
+        def test_scores(which: str, suffix: str) -> dict:
+            """Each fine-tuning's `which` checkpoint evaluated once on the test cases."""
+            return {name: evaluate(run / "checkpoints" / f"{which}.pt", str(labelled),
+                                   out / f"metrics_{run.name[9:]}{suffix}.json", split="test")
+                    for name, run in runs.items()}
+
+        metrics, last = test_scores("best", ""), test_scores("last", "_last")
         stage(5)
         figs = _figures(out, metrics, runs, out / "pretrain", labelled)
-        report = write_report(out, plan, metrics, figs, time.time() - start)
+        report = write_report(out, plan, metrics, last, figs, time.time() - start)
         if progress is not None:
             progress.update(task, completed=len(stages), description="demo: done")
     print(f"report: {report}")
