@@ -147,19 +147,22 @@ def _wrong_format(path):
     swin_release(path)
 
 
-@pytest.mark.parametrize("make, message", [
-    (_wrong_format, "--format monai-vit: none of its 126 tensors is a monai-vit encoder key (it looks like "
-                    "--format monai-swinvit)"),
-    (_truncated, "not a readable checkpoint (RuntimeError: PytorchStreamReader failed reading zip archive: failed "
-                 "finding central directory)\n"),
-    (_not_torch, "not a PyTorch checkpoint: neither a zip archive nor a pickle (gzip-compressed: an image?)\n"),
-    (_crafted, "refusing to load: the file holds Python objects beyond tensors and plain values (possibly malicious; "
-               "not executed)"),
-])
-def test_bad_files_exit_2_with_one_line_and_nothing_written(tmp_path, run_cli, make, message):
+@pytest.mark.parametrize("make, fmt, message", [
+    (_wrong_format, "monai-vit", "--format monai-vit: none of its 126 tensors is a monai-vit encoder key (it looks "
+                                 "like --format monai-swinvit)\n"),
+    (_wrong_format, "glmae-paper", "--format glmae-paper: only 2 of its 126 tensors are glmae-paper encoder keys, 126 "
+                                   "are monai-swinvit ones: it looks like --format monai-swinvit\n"),
+    (_truncated, "monai-vit", "not a readable checkpoint (RuntimeError: PytorchStreamReader failed reading zip "
+                              "archive: failed finding central directory)\n"),
+    (_not_torch, "monai-vit", "not a PyTorch checkpoint: neither a zip archive nor a pickle (gzip-compressed: an "
+                              "image?)\n"),
+    (_crafted, "monai-vit", "refusing to load: the file holds Python objects beyond tensors and plain values "
+                            "(possibly malicious; not executed)"),
+], ids=["wrong format", "wrong format sharing a few names", "truncated", "not torch", "crafted"])
+def test_bad_files_exit_2_with_one_line_and_nothing_written(tmp_path, run_cli, make, fmt, message):
     source = tmp_path / "weights.pt"
     make(source)
-    code, out, err = run_cli("import", "--format", "monai-vit", "--checkpoint", source,
+    code, out, err = run_cli("import", "--format", fmt, "--checkpoint", source, "--heads", 3,
                              "--out", tmp_path / "out" / "enc.safetensors")
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"glmae: error: {source}: {message}"), err

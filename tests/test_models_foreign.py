@@ -391,7 +391,12 @@ def test_channel_permutation_finds_the_order_or_none():
     ("monai-vit", {"module.layers1.0.blocks.0.mlp.fc1.weight": torch.zeros(4, 2)}, "looks like --format monai-swinvit"),
     ("monai-swinvit", {"patch_embed.proj.weight": torch.zeros(12, 1, 2, 2, 1)}, "cubic patches"),
     ("monai-vit", {"patch_embedding.patch_embeddings.weight": torch.zeros(48, 1, 8, 8, 8),
-                   "patch_embedding.position_embeddings": torch.zeros(1, 10, 48)}, "pass --img-size"),
+                   "patch_embedding.position_embeddings": torch.zeros(1, 10, 48),
+                   "blocks.0.norm1.weight": torch.ones(48)}, "pass --img-size"),
+    ("glmae-paper", {"patch_embed.proj.weight": torch.zeros(48, 1, 8, 8, 8)}, "no transformer blocks"),
+    ("glmae-paper", {"patch_embed.proj.weight": torch.zeros(12, 1, 2, 2, 2), "patch_embed.proj.bias": torch.zeros(12),
+                     "layers1.0.blocks.0.norm1.weight": torch.ones(12)},
+     "only 2 of its 3 tensors are glmae-paper encoder keys, 3 are monai-swinvit ones"),
 ])
 def test_what_cannot_be_read_is_refused_with_the_reason(fmt, state, message):
     with pytest.raises(NotConvertible, match=message):

@@ -200,16 +200,15 @@ def rename(state: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str, torch.Te
     return ours, dropped, unexpected, origin
 
 
-def guess_format(state: dict[str, torch.Tensor]) -> str | None:
-    """The format whose rules know the most of these keys (None if none knows any)."""
+def known_keys(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{format: how many of these keys its rules rename into our encoder}."""
     known = {}
     for fmt in FORMATS:
         try:
             known[fmt] = len(rename(state, fmt)[0])
         except NotConvertible:  # two keys for one of ours: not this format
             known[fmt] = 0
-    best = max(known, key=known.get)
-    return best if known[best] else None
+    return known
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +282,8 @@ def _vit(ours: dict[str, torch.Tensor], fmt: str, heads: int | None, img_size, r
         raise NotConvertible(f"{key} has shape {tuple(patch_w.shape)}")
 
     depth = len({int(m.group(1)) for k in ours if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if depth == 0:
+        raise NotConvertible("no transformer blocks (blocks.N.*) among its tensors")
     for i in range(depth):  # separate q, k, v -> one qkv (the layout of MONAI's and our attention)
         for kind in ("weight", "bias"):
             parts = [ours.pop(f"blocks.{i}.attn.to_{q}.{kind}", None) for q in "qkv"]
@@ -395,18 +396,19 @@ def convert(fmt: str, state: dict[str, torch.Tensor], heads: int | None = None, 
     if fmt not in FORMATS:
         raise NotConvertible(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     ours, dropped, unexpected, origin = rename(state, fmt)
-    guess = guess_format(state)
-    hint = f" (it looks like --format {guess})" if guess not in (None, fmt) else ""
+    known = known_keys(state)
+    guess = max(known, key=known.get)
     if not ours:
+        hint = f" (it looks like --format {guess})" if known[guess] else ""
         raise NotConvertible(f"none of its {len(state)} tensors is a {fmt} encoder key{hint}")
+    if known[guess] > known[fmt]:  # a few shared names (a patch embedding, norms) are not this format
+        raise NotConvertible(f"only {known[fmt]} of its {len(state)} tensors are {fmt} encoder keys, {known[guess]} "
+                             f"are {guess} ones: it looks like --format {guess}")
     report, notes = Report(dropped=dropped, unexpected=unexpected), []
-    try:
-        if fmt == "monai-swinvit":
-            cfg, weights = _swin(ours, report, notes)
-        else:
-            cfg, weights = _vit(ours, fmt, heads, img_size, roi, report, notes)
-    except NotConvertible as err:
-        raise NotConvertible(f"{err}{hint}") from None
+    if fmt == "monai-swinvit":
+        cfg, weights = _swin(ours, report, notes)
+    else:
+        cfg, weights = _vit(ours, fmt, heads, img_size, roi, report, notes)
 
     with torch.random.fork_rng(devices=[]):  # the encoder only gives names, shapes and computed buffers
         expected = (swin_encoder(cfg) if isinstance(cfg, SwinConfig) else ViT(cfg)).state_dict()
