@@ -26,13 +26,12 @@ import csv
 import dataclasses
 import io
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from protocol import paired, run_cells, spread, test_scores, verdict
-from provenance import command, commit, machine
+from protocol import paired, run_cells, run_stamp, spread, test_scores, verdict, whole_run
+from provenance import closing_lines, command, commit, machine
 
 from glmae.engine.run import run_stage
 
@@ -217,22 +216,23 @@ def main(argv=None) -> dict:
     p.add_argument("--jobs", type=int, default=1, help="cells run concurrently (each with cores/jobs threads)")
     args = p.parse_args(argv)
     s = SETTINGS[args.setting]
-    start, made_from = time.time(), commit()  # the code as it was when the run started
-    pool, data = write_sets(args.work / "data", s)
-    encoder = next(run_cells([(("pretrain",), pretrain_cell, (s, pool, args.work))], 1, args.work))[1]
-    keys = [(m, f, seed) for seed in s.seeds for f in s.fractions for m in NAMES]  # seeds outermost
-    cells = [(k, finetune_cell, (*k, s, data, args.work, encoder)) for k in keys]
+    made_from, cmd = commit(), command(__file__, argv)  # the code as it was when the run started
     scores: dict = {}
-    for (m, f, seed), result in run_cells(cells, args.jobs, args.work):
-        scores.setdefault((m, f), {})[seed] = result
-        print(f"{m} {f:.0%} seed {seed}: test mean AUC {result['best']['mean_auc']:.4f} (best), "
-              f"{result['last']['mean_auc']:.4f} (last)", flush=True)
+    with whole_run(args.work, {"setting": args.setting, **dataclasses.asdict(s)}, made_from, cmd) as invocations:
+        pool, data = write_sets(args.work / "data", s)
+        encoder = next(run_cells([(("pretrain",), pretrain_cell, (s, pool, args.work))], 1, args.work))[1]
+        keys = [(m, f, seed) for seed in s.seeds for f in s.fractions for m in NAMES]  # seeds outermost
+        cells = [(k, finetune_cell, (*k, s, data, args.work, encoder)) for k in keys]
+        for (m, f, seed), result in run_cells(cells, args.jobs, args.work):
+            scores.setdefault((m, f), {})[seed] = result
+            print(f"{m} {f:.0%} seed {seed}: test mean AUC {result['best']['mean_auc']:.4f} (best), "
+                  f"{result['last']['mean_auc']:.4f} (last)", flush=True)
     rows, comparisons = summarise(scores, "best")
     last_rows, last_comparisons = summarise(scores, "last")
     stages = [json.loads(p.read_text()) for p in args.work.glob("**/stage.json")]
     result = {
-        "setting": args.setting, "config": dataclasses.asdict(s), "command": command(__file__, argv),
-        "commit": made_from, "machine": machine(), "wall_minutes": (time.time() - start) / 60,
+        "setting": args.setting, "config": dataclasses.asdict(s), "command": cmd, "machine": machine(),
+        **run_stamp(invocations, made_from),  # commit, wall_minutes: of every invocation of this run
         "stage_minutes": sum(st.get("seconds") or 0 for st in stages) / 60,
         "results": rows, "comparisons": comparisons, "results_last": last_rows, "comparisons_last": last_comparisons,
         "per_finding": per_finding(scores),
@@ -273,10 +273,9 @@ def main(argv=None) -> dict:
         *[f"| {NAMES[r['method']]} | {r['fraction']:.0%} | " + " | ".join(
             "–" if v is None else f"{v:.3f}" for v in r["auc"].values()) + " |" for r in findings],
         "",
-        f"Machine: {result['machine']}. Commit: {result['commit']}. Wall time of this invocation: "
-        f"{result['wall_minutes']:.1f} min; the stages' own time: {result['stage_minutes']:.1f} min.",
-        "",
-        f"Command: `{result['command']}`",
+        *closing_lines(result),
+        f"Invocations of this run: {len(invocations)} (each listed in `invocations.json` of its --work folder); "
+        f"the training stages' own time: {result['stage_minutes']:.1f} min.",
         "",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines))

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from provenance import command, machine
+from provenance import closing_lines, commit, stamp, write
 
 
 def step_time(model, batches, steps: int, dtype) -> float:
@@ -62,6 +61,7 @@ def main(argv=None):
     p.add_argument("--amp", default="auto")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "glmae_cost.json")
     args = p.parse_args(argv)
+    started, made_from = time.time(), commit()
 
     from glmae.config import load_config
     from glmae.data.formats import load_dataset
@@ -138,16 +138,12 @@ def main(argv=None):
         "config": args.config,
         "batch": args.batch,
         "amp": str(dtype),
-        "machine": machine(),
-        "command": command(__file__, argv),
+        **stamp(__file__, argv, started, made_from),
         "steps": rows,
         "parts": parts,
         "loader_volumes_per_s": loaders,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    write(args.out, result, markdown(result))
 
 
 def markdown(result: dict) -> str:
@@ -155,7 +151,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# What a GL-MAE step costs (`{result['config']}`, batch {result['batch']}, {result['amp']})",
         "",
-        f"Machine: {result['machine']}. Median time of a training step (forward, backward, AdamW, teacher update).",
+        "Median time of a training step (forward, backward, AdamW, teacher update).",
         "",
         "| variant | s/step | vs full GL-MAE |",
         "|---|---:|---:|",
@@ -165,7 +161,7 @@ def markdown(result: dict) -> str:
     lines += [f"| {k} | {v:.3f} | {100 * v / full:.0f}% |" for k, v in result["parts"].items()]
     lines += ["", "| data (one DataLoader worker) | volumes/s | s per batch |", "|---|---:|---:|"]
     lines += [f"| {k} | {v:.1f} | {result['batch'] / v:.3f} |" for k, v in result["loader_volumes_per_s"].items()]
-    lines += ["", f"Command: `{result['command']}`", ""]
+    lines += ["", *closing_lines(result)]
     return "\n".join(lines)
 
 

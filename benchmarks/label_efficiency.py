@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from protocol import paired, run_cells, spread, test_scores, verdict
-from provenance import command, commit, machine
+from protocol import paired, run_cells, run_stamp, spread, test_scores, verdict, whole_run
+from provenance import closing_lines, command, commit, machine
 
 from glmae.engine.run import run_stage
 from glmae.synth.study import write_study
@@ -234,33 +233,34 @@ def main(argv=None) -> dict:
     p.add_argument("--report-only", action="store_true", help="summarise the cells done so far, train nothing")
     args = p.parse_args(argv)
     s = SETTINGS[args.setting]
-    start, made_from = time.time(), commit()  # the code as it was when the run started
+    made_from, cmd = commit(), command(__file__, argv)  # the code as it was when the run started
     plan = [(m, "e2e", f) for f in s.fractions for m in s.methods]
     if s.linear:
         plan += [(m, "linear", 1.0) for m in s.methods]
     # seeds outermost: a partial run already has every cell once
     planned = [(m, mode, f, seed) for seed in s.seeds for m, mode, f in plan]
-    if args.report_only:
-        done = {k: done_scores(cell_dir(args.work, *k)) for k in planned}
-        finished = [(k, v) for k, v in done.items() if v is not None]
-    else:
-        pool, data = write_study(args.work / "data", s.pool, s.train, s.val, s.test, s.shape)
-        pretrain = [(("pretrain", m), pretrain_cell, (m, s, pool, args.work)) for m in s.methods if m != "scratch"]
-        encoders = {key[1]: path for key, path in run_cells(pretrain, args.jobs, args.work)}
-        finished = run_cells([(k, finetune_cell, (*k, s, data, args.work, encoders)) for k in planned], args.jobs,
-                             args.work)
     cells: dict = {"best": {}, "last": {}}  # checkpoint -> (method, mode, fraction) -> {seed: test Dice}
     organs: dict = {}  # (method, mode, fraction) -> [per-organ test Dice of each seed, best checkpoint]
     n_done = 0
-    for (method, mode, fraction, seed), scores in finished:
-        n_done += 1
-        for which in cells:
-            cells[which].setdefault((method, mode, fraction), {})[seed] = scores[which]["mean_dice"]
-        organs.setdefault((method, mode, fraction), []).append(scores["best"]["per_class"])
-        print(f"{method} {mode} {fraction:.0%} seed {seed}: test Dice {scores['best']['mean_dice']:.4f} (best), "
-              f"{scores['last']['mean_dice']:.4f} (last)", flush=True)
+    setting = {"setting": args.setting, **dataclasses.asdict(s)}
+    with whole_run(args.work, setting, made_from, cmd, record=not args.report_only) as invocations:
+        if args.report_only:
+            done = {k: done_scores(cell_dir(args.work, *k)) for k in planned}
+            finished = [(k, v) for k, v in done.items() if v is not None]
+        else:
+            pool, data = write_study(args.work / "data", s.pool, s.train, s.val, s.test, s.shape)
+            pretrain = [(("pretrain", m), pretrain_cell, (m, s, pool, args.work)) for m in s.methods if m != "scratch"]
+            encoders = {key[1]: path for key, path in run_cells(pretrain, args.jobs, args.work)}
+            finished = run_cells([(k, finetune_cell, (*k, s, data, args.work, encoders)) for k in planned],
+                                 args.jobs, args.work)
+        for (method, mode, fraction, seed), scores in finished:
+            n_done += 1
+            for which in cells:
+                cells[which].setdefault((method, mode, fraction), {})[seed] = scores[which]["mean_dice"]
+            organs.setdefault((method, mode, fraction), []).append(scores["best"]["per_class"])
+            print(f"{method} {mode} {fraction:.0%} seed {seed}: test Dice {scores['best']['mean_dice']:.4f} (best), "
+                  f"{scores['last']['mean_dice']:.4f} (last)", flush=True)
     rows = summarise(cells["best"])
-    minutes = (time.time() - start) / 60
     result = {
         "setting": args.setting,
         "config": dataclasses.asdict(s),
@@ -268,9 +268,8 @@ def main(argv=None) -> dict:
         "cells_done": n_done,
         "cells_planned": len(planned),
         "machine": machine(),
-        "command": command(__file__, argv),
-        "commit": made_from,
-        "wall_minutes": minutes,
+        "command": cmd,
+        **run_stamp(invocations, made_from),  # commit, wall_minutes: of every invocation of this run
         "results": rows,
         "results_last": summarise(cells["last"]),
         "comparisons": comparisons(cells["best"]),
@@ -283,7 +282,7 @@ def main(argv=None) -> dict:
     plot(rows, stem.with_suffix(".png"))
     partial = [] if result["complete"] else [
         f"**PARTIAL: {n_done} of {len(planned)} cells done** (`--report-only` of an unfinished run).", ""]
-    lines = [
+    report = [
         "# Label efficiency on phantoms",
         "",
         *partial,
@@ -316,16 +315,16 @@ def main(argv=None) -> dict:
         "",
         *organ_table(result["per_organ"], min(s.fractions)),
         "",
-        f"Machine: {result['machine']}. Commit: {made_from}. Wall time of this invocation: {minutes:.1f} min.",
-        "",
-        f"Command: `{result['command']}`",
+        *closing_lines(result),
+        f"Invocations of this run: {len(invocations)} (each listed in `invocations.json` of its --work folder).",
         "",
     ]
-    notes = stem.with_name(stem.name + "_notes.md")  # hand-written reading of the numbers, kept on reruns
+    notes = stem.with_name(stem.name + "_notes.md")  # hand-written history of the benchmark, kept on reruns
     if notes.exists():
-        lines += [f"What these numbers say, what was tried and measured: [{notes.name}]({notes.name}).", ""]
-    stem.with_suffix(".md").write_text("\n".join(lines))
-    print("\n".join(lines))
+        report += [f"How the setting came about, earlier runs and what was tried: [{notes.name}]({notes.name}).",
+                   ""]
+    stem.with_suffix(".md").write_text("\n".join(report))
+    print("\n".join(report))
     return result
 
 

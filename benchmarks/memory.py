@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import command, machine
+from provenance import closing_lines, commit, machine, stamp, write
 
 HERE = Path(__file__).resolve()
 RESULTS = HERE.parent / "results"
@@ -163,8 +163,6 @@ def markdown(result: dict) -> str:
     lines = [
         "# Memory: prediction over many scans, validation on large volumes",
         "",
-        f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}  ",
         f"Date: {result['date']}",
         "",
         "Seconds are wall-clock time on a machine shared with other jobs: indicative only.",
@@ -198,7 +196,8 @@ def markdown(result: dict) -> str:
     lines += [f"| {r['size']} | {r['voxels']:,} | {r['before_mib']} | {r['peak_rss_mib']} | {r['growth_mib']} | "
               f"{r.get('marginal_bytes_per_voxel', '')} | {r['bound_mib']} | {'yes' if r['within_bound'] else 'NO'} "
               f"| {r['seconds']} |" for r in result["validation"]]
-    return "\n".join(lines) + "\n"
+    lines += ["", *closing_lines(result)]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,21 +216,19 @@ def main(argv: list[str] | None = None) -> None:
         setup_child(args.setup_child[0], int(args.setup_child[1]), [int(n) for n in args.setup_child[2:]])
         return
     os.environ.setdefault("MPLBACKEND", "Agg")
+    started, made_from = time.time(), commit()
     with tempfile.TemporaryDirectory(prefix="glmae-memory-") as tmp:
         work, ckpt = Path(tmp), Path(tmp) / "best.pt"
         setup = [sys.executable, str(HERE), "--setup-child", tmp, str(max(args.cases)), *map(str, args.sizes)]
         _, _, out = run_measured(setup)
+        described = json.loads(out.strip().splitlines()[-1])["machine"]
         result = {
-            "command": command(__file__, argv),
-            "machine": json.loads(out.strip().splitlines()[-1])["machine"],
             "date": time.strftime("%Y-%m-%d"),
             "predict": predict_rows(sorted(args.cases), work, ckpt),
             "validation": validation_rows(sorted(args.sizes), work, ckpt),
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    result = {**stamp(__file__, argv, started, made_from, described), **result}
+    write(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

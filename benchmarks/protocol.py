@@ -9,14 +9,18 @@
 - `paired`: seed-paired differences with a 95% t-interval; nothing is said to help unless the
   interval excludes 0.
 - `run_cells`: the cells of a benchmark, run in worker processes sharing the cores.
+- `whole_run`: a resumable run's invocations, so its result records the wall time and the commits
+  of the whole run, not of the invocation that finished it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import multiprocessing
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -111,3 +115,33 @@ def run_cells(cells: list[tuple], jobs: int, work: Path):
             os.environ.pop("OMP_NUM_THREADS")
         else:
             os.environ["OMP_NUM_THREADS"] = omp
+
+
+@contextlib.contextmanager
+def whole_run(work: Path, setting: dict, made_from: str, command: str, record: bool = True):
+    """Yield a list that, once the block is left (however: an interrupted invocation counts too),
+    holds every invocation of this run, this one included: {"started", "minutes", "commit",
+    "command"} each, kept in WORK/invocations.json under a digest of the setting, so that invocations
+    of another setting in the same folder are not counted. `record=False` (--report-only) adds none."""
+    path = work / "invocations.json"
+    key = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    started = time.time()
+    runs: list[dict] = []
+    try:
+        yield runs
+    finally:
+        log = json.loads(path.read_text()) if path.is_file() else {}
+        if record:
+            log.setdefault(key, []).append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                                            "minutes": (time.time() - started) / 60, "commit": made_from,
+                                            "command": command})
+            work.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(log, indent=2) + "\n")
+        runs.extend(log.get(key, []))
+
+
+def run_stamp(runs: list[dict], made_from: str) -> dict:
+    """{"commit", "wall_minutes"} of a whole run from its invocations (`whole_run`): the commits it
+    ran from, in order (one unless it was resumed from another), and the sum of their wall times."""
+    commits = list(dict.fromkeys(r["commit"] for r in runs)) or [made_from]
+    return {"commit": ", ".join(commits), "wall_minutes": sum(r["minutes"] for r in runs)}

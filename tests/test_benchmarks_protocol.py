@@ -42,3 +42,32 @@ def test_spread():
 def test_commit_names_this_checkout():
     commit = provenance.commit()
     assert commit == "unknown" or len(commit.split("+")[0]) == 40
+
+
+def test_a_whole_run_counts_every_invocation_of_its_setting(tmp_path):
+    setting, other = {"seeds": [0, 1]}, {"seeds": [0, 1, 2]}
+    with pytest.raises(KeyboardInterrupt):
+        with protocol.whole_run(tmp_path, setting, "abc", "python benchmarks/x.py"):
+            raise KeyboardInterrupt  # an interrupted invocation's time counts too
+    with protocol.whole_run(tmp_path, other, "abc", "python benchmarks/x.py --setting other"):
+        pass
+    with protocol.whole_run(tmp_path, setting, "def", "python benchmarks/x.py") as runs:
+        assert runs == []  # filled when the block is left
+    assert [r["commit"] for r in runs] == ["abc", "def"]  # the other setting's invocation is not this run's
+    with protocol.whole_run(tmp_path, setting, "ghi", "report only", record=False) as read:
+        pass
+    assert read == runs  # --report-only adds no invocation
+    stamp = protocol.run_stamp(runs, "ghi")
+    assert stamp == {"commit": "abc, def", "wall_minutes": pytest.approx(sum(r["minutes"] for r in runs))}
+    assert protocol.run_stamp([], "ghi") == {"commit": "ghi", "wall_minutes": 0}
+
+
+def test_every_result_records_and_reports_its_provenance():
+    import time
+
+    result = provenance.stamp("/x/benchmarks/memory.py", ["--cases", "1"], time.time() - 90, "abc", "a machine")
+    assert result == {"command": "python benchmarks/memory.py --cases 1", "commit": "abc", "machine": "a machine",
+                      "wall_minutes": pytest.approx(1.5, abs=0.01)}
+    assert provenance.closing_lines(result) == [
+        "Machine: a machine. Commit: abc. Wall time of the whole run: 1.5 min.", "",
+        "Command: `python benchmarks/memory.py --cases 1`", ""]
