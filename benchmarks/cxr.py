@@ -21,7 +21,6 @@ SETTINGS. Resumable: every cell is a run_stage under --work (recomputed if its i
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -30,12 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from protocol import paired, run_cells, run_stamp, spread, test_scores, verdict, whole_run
+from protocol import arguments, paired, run_cells, run_stamp, spread, test_scores, verdict, whole_run
 from provenance import closing_lines, command, commit, machine
 
 from glmae.engine.run import run_stage
 
-HERE = Path(__file__).parent
 PRETRAIN, FINETUNE = "mae2d_tiny", "cxr_classifier_tiny"
 NAMES = {"scratch": "scratch", "mae": "MAE (mae2d_tiny)"}
 
@@ -209,11 +207,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--setting", choices=list(SETTINGS), default="full")
-    p.add_argument("--work", type=Path, default=HERE / "work" / "cxr")
-    p.add_argument("--results", type=Path, default=HERE / "results")
-    p.add_argument("--jobs", type=int, default=1, help="cells run concurrently (each with cores/jobs threads)")
+    p = arguments(__doc__, "cxr", SETTINGS)
     args = p.parse_args(argv)
     s = SETTINGS[args.setting]
     made_from, cmd = commit(), command(__file__, argv)  # the code as it was when the run started

@@ -21,20 +21,17 @@ label_efficiency.{json,md,png}; --report-only summarises the cells done so far (
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from protocol import paired, run_cells, run_stamp, spread, test_scores, verdict, whole_run
+from protocol import arguments, paired, run_cells, run_stamp, spread, test_scores, verdict, whole_run
 from provenance import closing_lines, command, commit, machine
 
 from glmae.engine.run import run_stage
 from glmae.synth.study import write_study
-
-HERE = Path(__file__).parent
 
 
 @dataclass(frozen=True)
@@ -225,11 +222,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--setting", choices=list(SETTINGS), default="full")
-    p.add_argument("--work", type=Path, default=HERE / "work" / "label_efficiency")
-    p.add_argument("--results", type=Path, default=HERE / "results")
-    p.add_argument("--jobs", type=int, default=1, help="cells run concurrently (each with cores/jobs threads)")
+    p = arguments(__doc__, "label_efficiency", SETTINGS)
     p.add_argument("--report-only", action="store_true", help="summarise the cells done so far, train nothing")
     args = p.parse_args(argv)
     s = SETTINGS[args.setting]

@@ -8,13 +8,15 @@
   so a changed setting is recomputed, never served from a stale folder.
 - `paired`: seed-paired differences with a 95% t-interval; nothing is said to help unless the
   interval excludes 0.
-- `run_cells`: the cells of a benchmark, run in worker processes sharing the cores.
+- `run_cells`: the cells of a benchmark, run in worker processes sharing the cores; `arguments`,
+  the options every such benchmark takes.
 - `whole_run`: a resumable run's invocations, so its result records the wall time and the commits
   of the whole run, not of the invocation that finished it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -75,6 +77,19 @@ def verdict(comparison: dict) -> str:
     if ci is None:
         return "too few seeds for an interval"
     return "helps" if ci[0] > 0 else "hurts" if ci[1] < 0 else "no evidence either way"
+
+
+def arguments(doc: str, name: str, settings: dict) -> argparse.ArgumentParser:
+    """--setting (a key of `settings`, default full), --work (the run's resumable cells, default
+    benchmarks/work/NAME), --results and --jobs: the options of every benchmark that follows this
+    protocol."""
+    here = Path(__file__).parent
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--setting", choices=list(settings), default="full")
+    p.add_argument("--work", type=Path, default=here / "work" / name)
+    p.add_argument("--results", type=Path, default=here / "results")
+    p.add_argument("--jobs", type=int, default=1, help="cells run concurrently (each with cores/jobs threads)")
+    return p
 
 
 def _cell(threads: int, log: Path, fn, *args):
