@@ -13,7 +13,7 @@ t-intervals, and nothing is said to help unless its interval excludes 0.
 
 The run is resumable: each pre-training and each fine-tuning cell is a run_stage in its own folder
 under --work, reused only for identical inputs. Results go to --results as
-label_efficiency.{json,md,png}; --report-only summarises the cells done so far (marked PARTIAL).
+label_efficiency.{json,md,png}; --report-only summarises the cells of this setting done so far (marked PARTIAL).
 
     python benchmarks/label_efficiency.py --jobs 2              # full: about 2.5 hours on 2 cores
     python benchmarks/label_efficiency.py --setting smoke       # seconds, for the test suite
@@ -101,27 +101,41 @@ def cell_dir(work: Path, method: str, mode: str, fraction: float, seed: int) -> 
     return work / "finetune" / f"{method}_{mode}_{fraction:g}_seed{seed}"
 
 
-def finetune_cell(method: str, mode: str, fraction: float, seed: int, s: Setting, data: Path, work: Path,
-                  encoders: dict) -> dict:
-    """Test scores ({"best", "last"}) of one fine-tuning."""
+def finetune_setup(method: str, mode: str, fraction: float, seed: int, s: Setting, work: Path, encoders: dict):
+    """(folder, config, run_stage options) of one fine-tuning cell."""
     from glmae.config import load_config
-    from glmae.finetune import finetune
 
-    run = cell_dir(work, method, mode, fraction, seed)
     overrides = [*s.finetune_set, f"train.max_steps={s.finetune_steps}", "train.epochs=0", f"train.seed={seed}"]
     if mode == "linear":
         overrides.append("optim.lr=1e-2")  # the papers' linear-probing rate
-    cfg = load_config(FINETUNE, overrides)
     init = str(encoders[method]) if method != "scratch" else "none"
-    run_stage("finetune", run, finetune, cfg, str(data), init=init, mode=mode, label_fraction=fraction,
-              split_seed=seed)
+    options = {"init": init, "mode": mode, "label_fraction": fraction, "split_seed": seed}
+    return cell_dir(work, method, mode, fraction, seed), load_config(FINETUNE, overrides), options
+
+
+def finetune_cell(method: str, mode: str, fraction: float, seed: int, s: Setting, data: Path, work: Path,
+                  encoders: dict) -> dict:
+    """Test scores ({"best", "last"}) of one fine-tuning."""
+    from glmae.finetune import finetune
+
+    run, cfg, options = finetune_setup(method, mode, fraction, seed, s, work, encoders)
+    run_stage("finetune", run, finetune, cfg, str(data), **options)
     return test_scores(run, str(data))
 
 
-def done_scores(run: Path) -> dict | None:
-    """A cell's test scores if both were written (for --report-only), else None."""
+def done_scores(key: tuple, s: Setting, work: Path) -> dict | None:
+    """For --report-only: a cell's test scores if it finished with this setting (its stage.json holds
+    the digest of this setting's cell: config, data set, pre-trained encoder, options), else None,
+    so that a cell of another setting is never reported as this one's."""
+    from glmae.engine.run import stage_digest
+
+    data = work / "data" / "finetune.json"
+    encoders = {m: work / "pretrain" / m / "encoder.safetensors" for m in s.methods}
+    run, cfg, options = finetune_setup(*key, s, work, encoders)
     paths = {which: run / f"test_{which}.json" for which in ("best", "last")}
-    if not all(p.is_file() for p in paths.values()):
+    if not (data.is_file() and (run / "stage.json").is_file() and all(p.is_file() for p in paths.values())):
+        return None
+    if json.loads((run / "stage.json").read_text()).get("digest") != stage_digest("finetune", cfg, str(data), options):
         return None
     return {which: json.loads(p.read_text()) for which, p in paths.items()}
 
@@ -223,7 +237,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> dict:
     p = arguments(__doc__, "label_efficiency", SETTINGS)
-    p.add_argument("--report-only", action="store_true", help="summarise the cells done so far, train nothing")
+    p.add_argument("--report-only", action="store_true", help="summarise the cells of this setting done so far, train nothing")
     args = p.parse_args(argv)
     s = SETTINGS[args.setting]
     made_from, cmd = commit(), command(__file__, argv)  # the code as it was when the run started
@@ -238,7 +252,7 @@ def main(argv=None) -> dict:
     setting = {"setting": args.setting, **dataclasses.asdict(s)}
     with whole_run(args.work, setting, made_from, cmd, record=not args.report_only) as invocations:
         if args.report_only:
-            done = {k: done_scores(cell_dir(args.work, *k)) for k in planned}
+            done = {k: done_scores(k, s, args.work) for k in planned}
             finished = [(k, v) for k, v in done.items() if v is not None]
         else:
             pool, data = write_study(args.work / "data", s.pool, s.train, s.val, s.test, s.shape)

@@ -1,5 +1,6 @@
 """The benchmark scripts run on minimal settings and produce well-formed results."""
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -89,14 +90,30 @@ def test_label_efficiency_failing_cell_cancels_the_cells_not_started(tmp_path):
     assert multiprocessing.active_children() == []
 
 
+def finished_cells(bench, work, dice: dict) -> None:
+    """Cells of the smoke setting at 50% as a finished run leaves them, without training: the data
+    set, stage.json with the digest of this setting's cell, the test scores ({method: best Dice},
+    seed 0; the last checkpoint's half of it)."""
+    from glmae.engine.run import stage_digest
+    from glmae.synth.study import write_study
+
+    s = bench.SETTINGS["smoke"]
+    _, data = write_study(work / "data", s.pool, s.train, s.val, s.test, s.shape)
+    encoder = work / "pretrain" / "glmae" / "encoder.safetensors"
+    encoder.parent.mkdir(parents=True, exist_ok=True)
+    encoder.write_bytes(b"weights")
+    for method, d in dice.items():
+        run, cfg, options = bench.finetune_setup(method, "e2e", 0.5, 0, s, work, {"glmae": encoder})
+        run.mkdir(parents=True)
+        (run / "stage.json").write_text(json.dumps({"digest": stage_digest("finetune", cfg, str(data), options)}))
+        for which, value in (("best", d), ("last", d / 2)):
+            (run / f"test_{which}.json").write_text(json.dumps({"mean_dice": value, "per_class": {"liver": value}}))
+
+
 def test_label_efficiency_report_only_summarises_done_cells_without_training(tmp_path):
     bench = load("label_efficiency")
     work = tmp_path / "work"
-    for method, dice in (("scratch", 0.2), ("glmae", 0.4)):
-        cell = bench.cell_dir(work, method, "e2e", 0.5, 0)
-        cell.mkdir(parents=True)
-        for which, d in (("best", dice), ("last", dice / 2)):
-            (cell / f"test_{which}.json").write_text(json.dumps({"mean_dice": d, "per_class": {"liver": d}}))
+    finished_cells(bench, work, {"scratch": 0.2, "glmae": 0.4})
     bench.main(["--setting", "smoke", "--work", str(work), "--results", str(tmp_path / "results"), "--report-only"])
     data = json.loads((tmp_path / "results" / "label_efficiency_smoke.json").read_text())
     assert {r["method"]: r["mean"] for r in data["results"]} == {"scratch": 0.2, "glmae": 0.4}
@@ -110,15 +127,28 @@ def test_label_efficiency_report_only_summarises_done_cells_without_training(tmp
     assert "[label_efficiency_smoke_notes.md](label_efficiency_smoke_notes.md)" in notes.with_name(
         "label_efficiency_smoke.md").read_text()
     assert notes.read_text() == "# why\n"
-    assert not (work / "pretrain").exists() and not (work / "data").exists()
+    assert not list(work.glob("**/*.pt")) and not (work / "invocations.json").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("change", ["setting", "encoder"])
+def test_label_efficiency_report_only_never_reports_a_cell_of_another_setting(tmp_path, change):
+    bench = load("label_efficiency")
+    work = tmp_path / "work"
+    finished_cells(bench, work, {"scratch": 0.2, "glmae": 0.4})
+    if change == "setting":  # e.g. the setting's steps changed since the cells were made
+        stale = dataclasses.replace(bench.SETTINGS["smoke"], finetune_steps=3)
+        bench.SETTINGS["smoke"] = stale
+    else:  # the pre-training was redone, the fine-tuning from the old encoder was not
+        (work / "pretrain" / "glmae" / "encoder.safetensors").write_bytes(b"other weights")
+    bench.main(["--setting", "smoke", "--work", str(work), "--results", str(tmp_path / "results"), "--report-only"])
+    data = json.loads((tmp_path / "results" / "label_efficiency_smoke.json").read_text())
+    assert {r["method"] for r in data["results"]} == (set() if change == "setting" else {"scratch"})
+    assert not data["complete"]
 
 
 def test_label_efficiency_report_only_of_an_unfinished_run_says_partial(tmp_path):
     bench = load("label_efficiency")
-    cell = bench.cell_dir(tmp_path / "work", "scratch", "e2e", 0.5, 0)
-    cell.mkdir(parents=True)
-    for which in ("best", "last"):
-        (cell / f"test_{which}.json").write_text(json.dumps({"mean_dice": 0.3, "per_class": {"liver": 0.3}}))
+    finished_cells(bench, tmp_path / "work", {"scratch": 0.3})
     results = tmp_path / "results"
     bench.main(["--setting", "smoke", "--work", str(tmp_path / "work"), "--results", str(results), "--report-only"])
     data = json.loads((results / "label_efficiency_smoke.json").read_text())
