@@ -72,11 +72,15 @@ def test_undeclared_label_values_are_those_the_checkpoint_lacks(model_checkpoint
     assert not (tmp_path / "m.json").exists()
 
 
-def test_a_checkpoint_outside_its_run_folder_says_splits_json_is_missing(model_checkpoint, tmp_path, run_cli):
+def test_a_checkpoint_outside_its_run_folder_says_splits_json_is_missing(model_checkpoint, tmp_path, run_cli,
+                                                                          monkeypatch):
     root = clean_dataset(tmp_path / "data")  # no validation list of its own
+    looked = f"no run's splits.json beside the checkpoint (looked for {model_checkpoint.parent.parent}/splits.json"
     err = one_error(*evaluate(run_cli, model_checkpoint, root, tmp_path / "m.json", split="val")[::2], named=root)
-    assert f"no run's splits.json beside the checkpoint (looked for {model_checkpoint.parent.parent}/splits.json" in err
-    assert "pass --split all" in err
+    assert looked in err and "pass --split all" in err
+    monkeypatch.chdir(model_checkpoint.parent)  # a relative path: the folder looked in is still named in full
+    err = one_error(*evaluate(run_cli, model_checkpoint.name, root, tmp_path / "m.json", split="val")[::2], named=root)
+    assert looked in err
 
 
 @pytest.mark.parametrize("where", ["a folder", "under a file"])

@@ -92,7 +92,7 @@ def split_cases(checkpoint: Path, dataset, split: str) -> list:
     if split not in SPLITS:
         raise InputError(f"--split: expected one of {', '.join(SPLITS)}, got {split!r}")
     labelled = {c.id: c for c in dataset.labelled}
-    splits_path = Path(checkpoint).parent.parent / "splits.json"
+    splits_path = Path(checkpoint).absolute().parent.parent / "splits.json"  # named in full in messages
     if split == "all":
         cases = list(labelled.values())
     elif Path(checkpoint).parent.name == "checkpoints" and splits_path.is_file():
