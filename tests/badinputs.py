@@ -145,7 +145,8 @@ def _unreadable_folder(root):
 
 def _raw(root, edit, array=None, relative=IMAGE, payload=None):
     """case_0001's image with header fields set by `edit(header)` as written, bypassing what nibabel
-    would sanitise on saving, then `payload` bytes of voxel data (default: all of them), gzipped."""
+    would sanitise on saving, then `payload` bytes of voxel data (default: all of them), gzipped if
+    `relative` ends in .gz."""
     array = _noise(SHAPE) if array is None else array
     header = nib.Nifti1Image(array, AFFINE).header.copy()
     edit(header)
@@ -154,7 +155,7 @@ def _raw(root, edit, array=None, relative=IMAGE, payload=None):
     buf.write(b"\0" * (int(header["vox_offset"]) - buf.tell()))
     data = array.tobytes(order="F")
     buf.write(data[:payload])
-    (root / relative).write_bytes(gzip.compress(buf.getvalue()))
+    (root / relative).write_bytes(gzip.compress(buf.getvalue()) if relative.endswith(".gz") else buf.getvalue())
 
 
 def _fields(**values):
@@ -170,6 +171,13 @@ def _singular(header):
 
 def _huge(header):
     header.set_data_shape((2000, 2000, 2000))  # 32 GB of float32 declared, 16 KB present
+
+
+def _negative_side(root):
+    """An uncompressed image whose header declares a negative side (nibabel would map a negative length)."""
+    (root / IMAGE).unlink()
+    _raw(root, _fields(dim=[3, 16, -16, 16, 1, 1, 1, 1]), relative="imagesTr/case_0001.nii")
+    edit_json(root, lambda d: d["training"][1].update(image="./imagesTr/case_0001.nii"))
 
 
 def _upper_case(suffix):
@@ -242,6 +250,8 @@ CORPUS = [
              "the sform affine is not finite: [[1.5, 0.0, 0.0, 0.0], [0.0, inf, 0.0, 0.0]"),
     BadInput("huge declared shape", lambda r: _raw(r, _huge), IMAGE,
              "the header declares 2000x2000x2000 = 8,000,000,000 voxels, more than glmae reads in one file"),
+    BadInput("negative side", _negative_side, "imagesTr/case_0001.nii",
+             "the header declares the shape 16x-16x16: a side below 1, a corrupt header?"),
     BadInput("payload shorter than declared", lambda r: _raw(r, lambda h: None, payload=1000), IMAGE,
              "truncated file: the header implies 16384 bytes of voxel data, the file holds 1000"),
     BadInput("header cut short", lambda r: (r / IMAGE).write_bytes(gzip.compress(b"\x5c\x01" + bytes(98))), IMAGE,

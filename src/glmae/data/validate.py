@@ -135,9 +135,12 @@ def _hint(err: Exception) -> str:
 
 def _check_size(img: nib.Nifti1Image, path: Path) -> None:
     """Refuse a declared size that cannot be read: a corrupt or truncated header can declare 2000³
-    voxels, which reading would try to allocate (32 GB as float32) before finding the data short."""
+    voxels, which reading would try to allocate (32 GB as float32) before finding the data short, or
+    a negative side."""
     voxels = int(np.prod(img.shape, dtype=object))
     shape = "x".join(map(str, img.shape))
+    if min(img.shape, default=0) < 1:  # reading would map a negative length (or nothing at all)
+        raise InputError(f"the header declares the shape {shape or '()'}: a side below 1, a corrupt header?", path)
     if voxels > MAX_VOXELS:
         raise InputError(f"the header declares {shape} = {voxels:,} voxels, more than glmae reads in one file "
                          f"({MAX_VOXELS:,}): a corrupt header?", path)
