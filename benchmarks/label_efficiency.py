@@ -237,7 +237,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv=None) -> dict:
     p = arguments(__doc__, "label_efficiency", SETTINGS)
-    p.add_argument("--report-only", action="store_true", help="summarise the cells of this setting done so far, train nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="summarise the cells of this setting done so far, train nothing")
     args = p.parse_args(argv)
     s = SETTINGS[args.setting]
     made_from, cmd = commit(), command(__file__, argv)  # the code as it was when the run started
