@@ -1,6 +1,7 @@
 """The engine under data parallelism: collectives on their process group's device (checked on a
-simulated GPU, `tests/simdevice.py`), no device-to-host sync inside a training step, batch-norm
-statistics over the global batch, no teacher update on skipped fp16 steps, and K gloo processes
+simulated GPU, `tests/simdevice.py`: MAE3D, GL-MAE, UNETR, GMIM and Swin-UNETR; NCCL and a gloo
+group for host values under torchrun on GPUs), no device-to-host sync inside a training step,
+batch-norm statistics over the global batch, no teacher update on skipped fp16 steps, and K gloo processes
 with batch B training exactly as one process with batch K·B (MAE3D, GL-MAE, fine-tuning)."""
 
 import os
@@ -132,12 +133,77 @@ def test_collectives_run_on_their_groups_device_and_steps_never_wait_for_it(kind
 def test_the_harness_catches_a_cpu_tensor_in_a_collective(monkeypatch):
     with simulated_gpu(monkeypatch) as (_, env):
         distributed.all_reduce_mean(torch.ones(2, device=env.device), env)
+        # the host values' collectives the commands use (barriers around the run folder and the cache)
+        distributed.barrier(env)
+        assert distributed.any_rank(True, env) and distributed.broadcast_object(1, env) == 1
+        assert distributed.all_gather_objects(1, env) == [1, 1]
         with pytest.raises(WrongDevice, match="all_reduce of a tensor on cpu over the default"):
             distributed.all_reduce_mean(torch.ones(2), env)
         with pytest.raises(WrongDevice, match="over the default"):
             torch.distributed.barrier()
         with pytest.raises(RuntimeError, match="same device"):
             torch.ones(2, device=env.device) + torch.ones(2)
+
+
+# the methods built on MONAI's Swin (GMIM's encoder, Swin-UNETR): their steps on the simulated GPU
+SWIN = {"arch": "swin", "feature_size": 12, "depths": [1, 1, 1, 1], "heads": [1, 2, 2, 4], "window": 4, "patch_size": 2}
+MONAI_SWIN = {
+    "gmim": {"task": "pretrain", "encoder": SWIN, "method": {"name": "gmim", "roi": [64, 64, 64], "proj_dim": 16}},
+    "swin_unetr": {"task": "finetune", "encoder": SWIN, "method": {
+        "name": "swin_unetr", "roi": [64, 64, 64], "labels": {0: "background", 1: "cube"}, "sw_batch_size": 1}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", MONAI_SWIN)
+def test_swin_methods_run_on_the_device_and_their_steps_never_wait_for_it(kind, tmp_path, monkeypatch):
+    from glmae.methods import FINETUNING, PRETRAINING
+
+    cfg = load_config({**COMMON, **MONAI_SWIN[kind]}, ["train.max_steps=2", "train.batch_size=1"])
+    syncs = []
+    step = Trainer.step
+
+    def counted(self, *args, **kwargs):
+        before = sim.syncs
+        out = step(self, *args, **kwargs)
+        syncs.append(sim.syncs - before)
+        return out
+
+    monkeypatch.setattr(Trainer, "step", counted)
+    cases = volumes()
+    for case in cases:  # 64³: the Swin's crops are multiples of 32
+        case.image = np.pad(case.image, ((0, 0), (0, 40), (0, 40), (0, 44)))
+        case.label = np.pad(case.label, ((0, 40), (0, 40), (0, 44)))
+        case.intensity = "ct"
+    with simulated_gpu(monkeypatch) as (sim, env):
+        torch.manual_seed(0)
+        if kind == "gmim":
+            model, groups = PRETRAINING["gmim"](cfg.encoder, cfg.method), None
+            samples = SampleDataset(cases, model.sampler())
+        else:
+            model = FINETUNING["swin_unetr"](cfg.encoder, cfg.method)
+            groups = model.param_groups(cfg.optim)
+            samples = SampleDataset([TrainItem(v, foreground_points(v.label)) for v in cases], model.sampler())
+        fit(model, cfg, samples, tmp_path, env, groups=groups)
+    assert syncs == [0, 0]
+    assert ("all_reduce", "meta", "default") in set(sim.calls)
+    assert np.isfinite(read_log(tmp_path / "log.jsonl")[-1]["loss"])
+
+
+def test_processes_on_gpus_join_nccl_and_a_gloo_group_for_host_values(monkeypatch):
+    """distributed.init under torchrun on GPUs (the NCCL-only branch), with torch.distributed recorded."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.distributed, "new_group", lambda backend: calls.append(("new_group", backend)) or "gloo")
+    env = distributed.init("cuda")
+    assert calls == [("set_device", "cuda:1"), ("init", "nccl"), ("new_group", "gloo")]
+    assert (env.rank, env.world_size, env.device, env.host_group) == (1, 2, torch.device("cuda:1"), "gloo")
 
 
 def test_glmae_centre_is_reduced_on_the_device(monkeypatch):
