@@ -32,6 +32,8 @@ CHANGED = {
     "mae3d_vit_base": {"optim.lr": 1.6e-3, "optim.warmup_steps": 0, "optim.warmup_epochs": 400.0,
                        "train.max_steps": 1000, "train.epochs": 40000.0, "train.batch_size": 24},
     "unetr_vit_tiny": {"train.max_steps": 1000, "train.epochs": 3000.0},
+    # SelfMedMAE's 256-wide decoder, which the 3D sin-cos table refuses (glmae plan found it)
+    "mae2d_vit_base": {"method.decoder_width": 264},
     "unetr_vit_base": {"train.max_steps": 1000, "train.epochs": 3000.0},
 }
 # the demo's and the label-efficiency benchmark's phantom scale, until then built from --set strings
