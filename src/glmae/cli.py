@@ -197,6 +197,33 @@ def export(
     run(checkpoint, format, out)
 
 
+@app.command()
+def plan(
+    config: ConfigOpt,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="GPUs (processes) of the run.")] = 1,
+    gpu_memory: Annotated[float, typer.Option("--gpu-memory", help="Memory of one GPU, GiB.")] = 80.0,
+    mfu: Annotated[float, typer.Option("--mfu", help="Model FLOPs utilisation: the share of the peak the "
+                                                     "counted FLOPs run at.")] = 0.3,
+    gpu_tflops: Annotated[float, typer.Option("--gpu-tflops", help="Peak TFLOP/s of one GPU in the run's "
+                                                                   "precision [default: an A100's bf16].")] = 312.0,
+    cases: Annotated[int, typer.Option("--cases", help="Training cases (volumes or images) in an epoch.")] = 1000,
+    measure: Annotated[bool, typer.Option(
+        "--measure", help="Also run 3 training steps here (train.device, synthetic samples; on a CPU one thread "
+                          "in CPU time): step time, MFU, saved tensors.")] = False,
+    set_: SetOpt = None,
+):
+    """Size a run: parameters, FLOPs per sample, memory per GPU, loader rate, time per epoch and run."""
+    from glmae.plan import measure as run_measure
+    from glmae.plan import plan as run_plan
+    from glmae.plan import report, report_measured
+
+    cfg = _config(config, set_)
+    planned = run_plan(cfg, config, gpus=gpus, gpu_memory=gpu_memory, mfu=mfu, gpu_tflops=gpu_tflops, cases=cases)
+    typer.echo(report(planned))
+    if measure:
+        typer.echo(report_measured(planned, run_measure(cfg)))
+
+
 @app.command("import")
 def import_cmd(
     format: Annotated[str, typer.Option("--format", help="glmae-paper, selfmedmae, monai-swinvit or monai-vit.")],
