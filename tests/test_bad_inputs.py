@@ -161,3 +161,24 @@ def test_a_real_process_prints_only_glmae_lines(tmp_path, model_checkpoint):
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [f"glmae: warning: {root}/imagesTr/case_0001.nii.gz: pixdim[1,2,3] should "
                                           "be positive; setting to abs of pixdim values"]
+
+
+def test_an_image_too_large_once_resampled_is_refused_before_any_case_is_read(tmp_path, run_cli, monkeypatch):
+    """The corpus runs on the native grid; with a data.spacing, a voxel size off by 1000x (6 m for
+    1.5 mm) would make resampling allocate gigabytes: refused from the headers. The available
+    memory is set low, so that a regression costs about 0.5 GB, not the machine."""
+    import numpy as np
+    from badinputs import IMAGE, save
+
+    import glmae.data.validate
+
+    root = clean_dataset(tmp_path / "data")
+    save(root, IMAGE, np.zeros((16, 16, 16), np.float32), np.diag([6000.0, 1.5, 2.0, 1.0]))
+    monkeypatch.setattr(glmae.data.validate, "available_memory", lambda: 2**28)
+    before = tree(tmp_path)
+    code, _, err = run_cli("pretrain", "--config", "mae3d_tiny", "--data", root, "--out", tmp_path / "run",
+                           "--max-steps", 1, *sets(PRETRAIN), "--set", "data.spacing=[2,2,2]")
+    assert (code, err) == (2, f"glmae: error: {root / IMAGE}: resampled to data.spacing 2x2x2 mm, its voxels of "
+                              "6000x1.5x2 mm become 48000x12x16 = 9,216,000 voxels, about 0.5 GiB to resample, more "
+                              "than the available memory (0.2 GiB): is the header's voxel size right?\n")
+    assert tree(tmp_path) == before

@@ -251,3 +251,27 @@ def test_a_declared_size_beyond_the_available_memory_is_refused_before_reading(t
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[0] == (f"glmae: error: {tmp_path / 'big.nii.gz'}: the header declares 1000x1000x300 "
                                    "voxels, 1.1 GiB as float32, more than the available memory (1.0 GiB)")
+
+
+def test_an_image_too_large_once_resampled_is_a_problem_before_any_voxel_is_read(tmp_path, monkeypatch):
+    """A voxel size off by orders of magnitude (1.6 km here) turns 16³ voxels into billions at 2 mm."""
+    import nibabel as nib
+
+    import glmae.data.validate
+    from glmae.data.validate import resampled_size_problem
+
+    def image(affine):
+        return nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.asarray(affine, dtype=float))
+
+    path = tmp_path / "x.nii.gz"
+    assert resampled_size_problem(image(np.diag([1.5, 1.5, 2.0, 1.0])), path, (2.0, 2.0, 2.0)) is None
+    problem = resampled_size_problem(image(np.diag([1.6e6, 1.5, 2.0, 1.0])), path, (2.0, 2.0, 2.0))
+    assert str(problem) == (f"{path}: resampled to data.spacing 2x2x2 mm, its voxels of 1.6e+06x1.5x2 mm become "
+                            "12800000x12x16 = 2,457,600,000 voxels, more than glmae holds in one volume "
+                            "(2,147,483,648): is the header's voxel size right?")
+    monkeypatch.setattr(glmae.data.validate, "available_memory", lambda: 2**29)
+    permuted = [[0, 0, 2.0, 0], [6000.0, 0, 0, 0], [0, 1.5, 0, 0], [0, 0, 0, 1]]  # voxel axes (A, S, R)
+    problem = resampled_size_problem(image(permuted), path, (2.0, 2.0, 2.0), channels=2)
+    assert str(problem) == (f"{path}: resampled to data.spacing 2x2x2 mm, its voxels of 6000x1.5x2 mm become "
+                            "16x48000x12 = 9,216,000 voxels, about 1.0 GiB to resample, more than the available "
+                            "memory (0.5 GiB): is the header's voxel size right?")

@@ -155,7 +155,7 @@ class Preprocessor:
         meta_path, image_path, label_path = self._paths(case, with_label)
         image_cached = meta_path.is_file() and image_path.is_file()
         if not image_cached or (label_path is not None and not label_path.is_file()):
-            opened, problems = check_headers(case, len(self.modalities), with_label)
+            opened, problems = check_headers(case, len(self.modalities), with_label, self.cfg.spacing)
             if problems:
                 raise problems[0]
             _make_dir(self.cache)
@@ -194,7 +194,7 @@ class Preprocessor:
         problems = []
         for case in cases:
             if not self.cached(case, with_label):
-                problems += check_headers(case, len(self.modalities), with_label)[1]
+                problems += check_headers(case, len(self.modalities), with_label, self.cfg.spacing)[1]
         if problems:
             more = f" (and {len(problems) - 1} more; `glmae info` lists them)" if len(problems) > 1 else ""
             raise InputError(f"{problems[0]}{more}")
