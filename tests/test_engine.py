@@ -332,7 +332,7 @@ def test_grad_checkpoint_recomputes_the_blocks_and_gives_the_same_losses(tmp_pat
 
 def test_compiled_model_gives_the_same_losses(tmp_path, monkeypatch):
     # the compiled graphs of dynamo and AOTAutograd; inductor's kernels take minutes to build on 2
-    # cores, so their losses are compared by benchmarks/train_options.py
+    # cores, so their losses are compared by benchmarks/options_cost.py
     compiled = []
 
     def compile(model, **kwargs):
