@@ -249,3 +249,14 @@ def test_the_readmes_fine_tuning_command_per_format_is_what_import_prints_for_th
         assert tuned[tuned.index("--init") + 1] == out
         found[imported[3]] = " ".join(tuned[2:tuned.index("--init")])
     assert found == {fmt: finetune_hint(cfg) for fmt, cfg in PUBLISHED.items()}
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_the_fine_tuning_hint_prefers_a_config_for_as_many_input_channels(channels):
+    """A 1-channel CT encoder is not pointed to a 4-channel MRI config because its other fields are closer."""
+    from glmae.config import load_config
+    from glmae.import_weights import finetune_hint
+
+    hint = finetune_hint(SwinConfig(in_channels=channels, feature_size=12, window=4)).split()
+    assert "encoder.in_channels" not in " ".join(hint)
+    assert load_config(hint[1]).encoder.in_channels == channels

@@ -58,15 +58,17 @@ def _value(v) -> str:
 
 def finetune_hint(encoder) -> str:
     """`--config NAME [--set encoder.k=v ...]`: the packaged fine-tuning config whose encoder is
-    nearest, with the overrides that make it this one."""
+    nearest, with the overrides that make it this one. Configs for as many input channels come
+    first: their data settings (modality, normalisation) are for the images the encoder saw."""
     ours, best = cfglib.to_dict(encoder), None
     for name in cfglib.available():
         cfg = cfglib.load_config(name)
         if cfg.task == "finetune" and cfg.encoder.arch == encoder.arch:
             fields = architecture_differences(cfglib.to_dict(cfg.encoder), ours)
-            if best is None or len(fields) < len(best[1]):
-                best = name, fields
-    return " ".join([f"--config {best[0]}", *(f"--set encoder.{k}={_value(ours[k])}" for k in best[1])])
+            rank = ("in_channels" in fields, len(fields))
+            if best is None or rank < best[0]:
+                best = rank, name, fields
+    return " ".join([f"--config {best[1]}", *(f"--set encoder.{k}={_value(ours[k])}" for k in best[2])])
 
 
 def import_weights(format: str, source: Path, out: Path, heads: int | None = None, img_size=None, roi=None,
