@@ -1,12 +1,14 @@
 """`glmae demo` end to end on a reduced plan (the real plans take minutes)."""
 
+import dataclasses
 import json
 import re
 
 import pytest
 
 from glmae.config import load_config
-from glmae.demo import FULL, QUICK, Plan, demo
+from glmae.demo import BRAIN_FULL, BRAIN_QUICK, FULL, QUICK, Plan, demo
+from glmae.engine import checkpoint
 from glmae.synth import LABELS
 
 SMALL = ("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "train.log_every=1")
@@ -49,7 +51,38 @@ def test_demo_writes_a_report_with_every_organ_both_models_and_its_figures(tmp_p
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
-@pytest.mark.parametrize("plan", [QUICK, FULL], ids=["quick", "full"])
+def test_brain_demo_reports_dice_and_hd95_per_tumour_region(tmp_path):
+    out = tmp_path / "brain"
+    plan = dataclasses.replace(TINY_PLAN, kind="brain", pretrain_config="glmae_brats_tiny",
+                               finetune_config="unetr_brats_tiny")
+    text = demo(out, plan=plan).read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| region"))
+    assert header == ("| region | scratch | GL-MAE | difference | HD95 scratch (mm) | HD95 GL-MAE (mm) |")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line != header]
+    assert [row.split("|")[1].strip() for row in rows] == ["WT", "TC", "ET", "**mean**"]
+    for row in rows:  # two Dice values and their difference, then two HD95 in mm or – where undefined
+        cells = [c.strip() for c in row.split("|")[2:-1]]
+        assert all(re.fullmatch(r"[+-]?\d\.\d{3}", c) for c in cells[:3])
+        assert all(re.fullmatch(r"\d+\.\d|–", c) for c in cells[3:])
+    assert "brain MRI phantoms (FLAIR, T1, T1ce, T2)" in text and "glmae demo --out RUN --kind brain" in text
+    assert (out / "figures" / "dice_per_region.png").stat().st_size > 1000
+    assert (out / "figures" / "prediction.png").stat().st_size > 1000
+    state = checkpoint.load(out / "finetune_glmae" / "checkpoints" / "best.pt")
+    assert state["config"]["encoder"]["in_channels"] == 4
+    assert state["config"]["method"]["regions"] == {"WT": [1, 2, 3], "TC": [2, 3], "ET": [3]}
+    splits = json.loads((out / "finetune_glmae" / "splits.json").read_text())
+    metrics = json.loads((out / "metrics_glmae.json").read_text())
+    assert [c["case"] for c in metrics["per_case"]] == splits["test"] and not set(splits["val"]) & set(splits["test"])
+    assert list(metrics["per_class"]) == list(metrics["per_class_hd95"]) == ["WT", "TC", "ET"]
+
+
+def test_demo_refuses_an_unknown_kind(tmp_path, run_cli):
+    code, _, err = run_cli("demo", "--out", tmp_path / "x", "--kind", "knee")
+    assert code == 2 and "--kind: expected one of abdomen, brain, got 'knee'" in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("plan", [QUICK, FULL, BRAIN_QUICK, BRAIN_FULL], ids=["quick", "full", "brain-quick", "brain"])
 def test_demo_pretrains_at_the_fine_tuning_scale(plan):
     pre = load_config(plan.pretrain_config, plan.pretrain_set)
     tune = load_config(plan.finetune_config, plan.finetune_set)

@@ -252,11 +252,13 @@ def import_cmd(
 def demo(
     out: OutOpt = Path("runs/demo"),
     quick: Annotated[bool, typer.Option("--quick", help="A ~2 minute version.")] = False,
+    kind: Annotated[str, typer.Option("--kind", help="abdomen: CT phantoms, 13 organs; brain: 4-channel MRI "
+                                                     "phantoms, tumour regions WT, TC, ET.")] = "abdomen",
 ):
     """Synthesise phantoms, pretrain GL-MAE, fine-tune with few labels vs scratch, and report."""
     from glmae.demo import demo as run
 
-    run(out, quick=quick)
+    run(out, quick=quick, kind=kind)
 
 
 # OSErrors that come from the machine, not from glmae: the user can act on them

@@ -2,14 +2,15 @@
 
 1. Synthesise phantoms in four disjoint sets (`glmae.synth.study`): an unlabelled pre-training
    pool, a few labelled training cases, validation cases and test cases (datalists `pretrain.json`
-   and `finetune.json` beside the images).
+   and `finetune.json` beside the images). `kind` abdomen: CT with 13 organs; brain: 4-channel MRI
+   with tumours, segmented into the BraTS regions WT, TC, ET (sigmoid outputs).
 2. Pre-train GL-MAE on the pool (labels never read).
 3. Fine-tune UNETR from the GL-MAE encoder and from scratch, with the same few labels and the same
    budget; each keeps its best checkpoint on the validation cases.
 4. Evaluate both once on the test cases, with the best checkpoint and with the last one (which
    involves no selection at all); predict one test case with both.
-5. Write `report.md`: Dice per organ for both, pre-training curves, reconstructions, a per-organ bar
-   chart and prediction overlays.
+5. Write `report.md`: Dice and HD95 per organ (or region) for both, pre-training curves,
+   reconstructions, a bar chart of Dice and prediction overlays.
 
 Training stages are keyed by a digest of their config and data (`glmae.engine.run.run_stage`):
 finished ones are reused only for the same setting and an interrupted one resumes, so re-running
@@ -28,6 +29,7 @@ import numpy as np
 from glmae.engine.checkpoint import atomic_write
 from glmae.engine.logger import read_log, shared_progress
 from glmae.engine.run import run_stage
+from glmae.errors import InputError
 from glmae.synth.study import write_study
 
 
@@ -48,27 +50,43 @@ class Plan:
     finetune_config: str = "unetr_phantom"
     pretrain_set: tuple[str, ...] = ()  # --set overrides of the pre-training config
     finetune_set: tuple[str, ...] = ()  # --set overrides of the fine-tuning config
+    kind: str = "abdomen"  # phantoms of `glmae synth --kind`: abdomen | brain
 
 
 # Pre-training and fine-tuning at the phantom scale (configs `glmae_phantom`, `unetr_phantom`).
 # Measured (2 cores): --quick 1.9 min, full 11.2 min.
 QUICK = Plan(pool=16, train=3, val=2, test=4, shape=(64, 64, 48), pretrain_steps=100, finetune_steps=110)
 FULL = Plan(pool=48, train=4, val=4, test=8, shape=(64, 64, 48), pretrain_steps=1200, finetune_steps=600, validations=6)
+# Brain MRI phantoms drawn at 2 mm, the grid of `glmae_brats_tiny` and `unetr_brats_tiny` (WT/TC/ET
+# regions); a fine-tuning step costs about what one of the abdominal plans does.
+BRAIN = dict(kind="brain", shape=(64, 64, 48), pretrain_config="glmae_brats_tiny", finetune_config="unetr_brats_tiny")
+BRAIN_QUICK = Plan(pool=12, train=3, val=2, test=3, pretrain_steps=100, finetune_steps=110, **BRAIN)
+BRAIN_FULL = Plan(pool=32, train=4, val=4, test=8, pretrain_steps=1200, finetune_steps=600, validations=6, **BRAIN)
+PLANS = {("abdomen", False): FULL, ("abdomen", True): QUICK, ("brain", False): BRAIN_FULL, ("brain", True): BRAIN_QUICK}
+# per kind: what the phantoms are, what a class is called
+KINDS = {"abdomen": ("abdominal CT phantoms", "organ"),
+         "brain": ("brain MRI phantoms (FLAIR, T1, T1ce, T2) with tumours, segmented into the BraTS regions WT "
+                   "(whole tumour), TC (tumour core) and ET (enhancing tumour)", "region")}
 
 
-def _dice_table(metrics: dict[str, dict]) -> list[str]:
+def _dice_table(metrics: dict[str, dict], unit: str = "organ") -> list[str]:
+    """Dice of each model per class, their difference, and each model's HD95 (mm; – where undefined)."""
     names = list(next(iter(metrics.values()))["per_class"])
     methods = list(metrics)
-    lines = ["| organ | " + " | ".join(methods) + " | difference |", "|---|" + "---:|" * (len(methods) + 1)]
-    rows = [(name, [metrics[m]["per_class"][name] for m in methods]) for name in names]
-    rows.append(("**mean**", [metrics[m]["mean_dice"] for m in methods]))
-    for name, values in rows:
+    lines = [f"| {unit} | " + " | ".join(methods) + " | difference | "
+             + " | ".join(f"HD95 {m} (mm)" for m in methods) + " |", "|---|" + "---:|" * (2 * len(methods) + 1)]
+    rows = [(name, [metrics[m]["per_class"][name] for m in methods],
+             [metrics[m]["per_class_hd95"][name] for m in methods]) for name in names]
+    rows.append(("**mean**", [metrics[m]["mean_dice"] for m in methods], [metrics[m]["mean_hd95"] for m in methods]))
+    for name, values, hd95 in rows:
         cells = " | ".join(f"{v:.3f}" for v in values)
-        lines.append(f"| {name} | {cells} | {values[-1] - values[0]:+.3f} |")
+        mm = " | ".join("–" if v is None else f"{v:.1f}" for v in hd95)
+        lines.append(f"| {name} | {cells} | {values[-1] - values[0]:+.3f} | {mm} |")
     return lines
 
 
-def _figures(out: Path, metrics: dict, runs: dict[str, Path], pretrain_run: Path, data: Path) -> dict[str, str]:
+def _figures(out: Path, metrics: dict, runs: dict[str, Path], pretrain_run: Path, data: Path,
+             unit: str = "organ") -> dict[str, str]:
     """The report's figures (paths relative to `out`)."""
     import torch
 
@@ -98,11 +116,11 @@ def _figures(out: Path, metrics: dict, runs: dict[str, Path], pretrain_run: Path
         shutil.copy(recon[-1], fig_dir / "reconstruction.png")
         figs["recon"] = "figures/reconstruction.png"
     per_class = {name: m["per_class"] for name, m in metrics.items()}
-    grouped_bar_figure(per_class, fig_dir / "dice_per_organ.png", title="Dice per organ on the test cases",
+    grouped_bar_figure(per_class, fig_dir / f"dice_per_{unit}.png", title=f"Dice per {unit} on the test cases",
                        ylabel="Dice")
-    figs["bars"] = "figures/dice_per_organ.png"
+    figs["bars"] = f"figures/dice_per_{unit}.png"
 
-    # one test case predicted by both models, beside its ground truth
+    # one test case predicted by both models, beside its ground truth (over the first channel: FLAIR for brains)
     dataset = load_dataset(data)
     case = dataset.split("test")[0]
     maps = {}
@@ -121,13 +139,15 @@ def _figures(out: Path, metrics: dict, runs: dict[str, Path], pretrain_run: Path
 
 
 def write_report(out: Path, plan: Plan, metrics: dict, last: dict, figs: dict, seconds: float) -> Path:
-    from glmae.synth import FOV_MM
+    from glmae.synth import abdomen, brain
 
-    spacing = "x".join(f"{FOV_MM / n:g}" for n in plan.shape)
+    fov = brain.FOV_MM if plan.kind == "brain" else (abdomen.FOV_MM,) * 3
+    spacing = "x".join(f"{f / n:g}" for f, n in zip(fov, plan.shape))
+    what, unit = KINDS[plan.kind]
     lines = [
         "# glmae demo: does GL-MAE pre-training help with few labels?",
         "",
-        f"Synthetic abdominal CT phantoms ({plan.shape[0]}x{plan.shape[1]}x{plan.shape[2]} voxels, {spacing} mm): "
+        f"Synthetic {what} ({plan.shape[0]}x{plan.shape[1]}x{plan.shape[2]} voxels, {spacing} mm): "
         f"{plan.pool} unlabelled cases for pre-training, {plan.train} labelled cases for fine-tuning, "
         f"{plan.val} validation cases that pick each fine-tuning's best checkpoint, {plan.test} held-out test "
         f"cases that nothing was chosen on. GL-MAE (`{plan.pretrain_config}`) pre-trained for "
@@ -135,16 +155,16 @@ def write_report(out: Path, plan: Plan, metrics: dict, last: dict, figs: dict, s
         f"steps from the GL-MAE encoder and from scratch, with the same labels and budget. "
         f"Wall time {seconds / 60:.1f} min.",
         "",
-        "## Dice on the test cases",
+        "## Dice and HD95 on the test cases",
         "",
         "Best checkpoint on the validation cases:",
         "",
-        *_dice_table(metrics),
+        *_dice_table(metrics, unit),
         "",
         "Last checkpoint (no selection at all), mean Dice: "
         + ", ".join(f"{name} {m['mean_dice']:.3f}" for name, m in last.items()) + ".",
         "",
-        f"![Dice per organ]({figs['bars']})",
+        f"![Dice per {unit}]({figs['bars']})",
         "",
         "## Predictions on a test case",
         "",
@@ -163,7 +183,8 @@ def write_report(out: Path, plan: Plan, metrics: dict, last: dict, figs: dict, s
     lines += [
         "## Reproduce",
         "",
-        "    glmae demo --out RUN" + (" --quick" if plan == QUICK else ""),
+        "    glmae demo --out RUN" + (" --kind brain" if plan.kind == "brain" else "")
+        + (" --quick" if plan in (QUICK, BRAIN_QUICK) else ""),
         "",
         "Run folders: `pretrain/`, `finetune_glmae/`, `finetune_scratch/` (configs, logs, TensorBoard, "
         "checkpoints); test metrics: `metrics_*.json` (best checkpoint), `metrics_*_last.json`.",
@@ -175,14 +196,16 @@ def write_report(out: Path, plan: Plan, metrics: dict, last: dict, figs: dict, s
     return path
 
 
-def demo(out: str | Path, quick: bool = False, plan: Plan | None = None) -> Path:
-    """Run the demo into `out`; returns the path of `report.md`."""
+def demo(out: str | Path, quick: bool = False, plan: Plan | None = None, kind: str = "abdomen") -> Path:
+    """Run the demo into `out` on phantoms of `kind` (or on `plan`); returns the path of `report.md`."""
     from glmae.config import load_config
     from glmae.evaluate import evaluate
     from glmae.finetune import finetune
     from glmae.pretrain import pretrain
 
-    plan = plan or (QUICK if quick else FULL)
+    if plan is None and kind not in KINDS:
+        raise InputError(f"--kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    plan = plan or PLANS[kind, quick]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -199,7 +222,8 @@ def demo(out: str | Path, quick: bool = False, plan: Plan | None = None) -> Path
                 print(f"demo [{i + 1}/{len(stages)}] {stages[i]}", flush=True)
 
         stage(0)
-        pool, labelled = write_study(out / "data", plan.pool, plan.train, plan.val, plan.test, plan.shape, plan.seed)
+        pool, labelled = write_study(out / "data", plan.pool, plan.train, plan.val, plan.test, plan.shape, plan.seed,
+                                     kind=plan.kind)
         stage(1)
         pre_cfg = load_config(plan.pretrain_config, [*plan.pretrain_set, f"train.max_steps={plan.pretrain_steps}"])
         run_stage("pretrain", out / "pretrain", pretrain, pre_cfg, str(pool))
@@ -224,7 +248,7 @@ def demo(out: str | Path, quick: bool = False, plan: Plan | None = None) -> Path
 
         metrics, last = test_scores("best", ""), test_scores("last", "_last")
         stage(5)
-        figs = _figures(out, metrics, runs, out / "pretrain", labelled)
+        figs = _figures(out, metrics, runs, out / "pretrain", labelled, KINDS[plan.kind][1])
         report = write_report(out, plan, metrics, last, figs, time.time() - start)
         if progress is not None:
             progress.update(task, completed=len(stages), description="demo: done")
