@@ -139,3 +139,15 @@ def test_region_loss_is_dice_plus_binary_cross_entropy():
     bce = -(target * torch.log(torch.sigmoid(logits)) + (1 - target) * torch.log(1 - torch.sigmoid(logits))).mean()
     expected = DiceLoss(sigmoid=True)(logits, target.float()) + bce
     torch.testing.assert_close(model.loss(logits, target), expected)
+
+
+def test_swin_unetr_refuses_a_roi_that_leaves_instance_norm_a_single_voxel():
+    from glmae.errors import InputError
+    from glmae.methods.segmentation import SwinUNETRConfig, check_network
+    from glmae.models.swin import SwinConfig
+
+    swin = SwinConfig(feature_size=12, window=4)
+    with pytest.raises(InputError, match="a side above 32 .* single voxel"):
+        check_network(SwinUNETRConfig(roi=(32, 32, 32)), swin)
+    check_network(SwinUNETRConfig(roi=(32, 32, 32), norm="batch"), swin)  # normalised over the batch
+    check_network(SwinUNETRConfig(roi=(64, 32, 32)), swin)  # a 2x1x1 bottleneck

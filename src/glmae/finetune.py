@@ -214,14 +214,14 @@ def _resolve_labels(cfg: Config, dataset, say: bool) -> Config:
     labels = dict(method.labels or dataset.labels)
     brats = brats_regions(labels) if not regions and method.brats_regions else None
     if brats:
-        convention, regions = brats
-        if say:
-            print(f"regions: {', '.join(f'{k} {v}' for k, v in regions.items())} from the data set's {convention} "
-                  "labels (--set method.brats_regions=false: softmax over the labels)", file=sys.stderr, flush=True)
+        regions = brats[1]
     if not labels and not regions:
         raise InputError("the data set declares no `labels`; set them with --set method.labels=...", dataset.root)
     labels.setdefault(0, "background")
     check_network(method, cfg.encoder)
+    if brats and say:
+        print(f"regions: {', '.join(f'{k} {v}' for k, v in regions.items())} from the data set's {brats[0]} "
+              "labels (--set method.brats_regions=false: softmax over the labels)", file=sys.stderr, flush=True)
     method = dataclasses.replace(method, labels=dict(sorted(labels.items())), regions=regions)
     return resolve_intensity(dataclasses.replace(cfg, method=method), dataset, dataset.root, say=say)
 

@@ -105,7 +105,8 @@ ENCODERS = {"unetr": "vit", "swin_unetr": "swin"}  # the encoder architecture ea
 
 def check_network(cfg: SegmentationConfig, encoder) -> None:
     """InputError unless the network takes the encoder and the ROI: UNETR a ViT and sides that are
-    multiples of the patch; Swin-UNETR a Swin and multiples of patch^5 (MONAI's check, 32 for patch 2)."""
+    multiples of the patch; Swin-UNETR a Swin and multiples of patch^5 (MONAI's check, 32 for patch 2),
+    with instance norm not all equal to it (that leaves a 1³ bottleneck)."""
     if encoder.arch != ENCODERS[cfg.name]:
         raise InputError(f"config: encoder.arch: {cfg.name} needs a {ENCODERS[cfg.name]} encoder, not {encoder.arch!r}")
     if cfg.name == "unetr":
@@ -120,6 +121,10 @@ def check_network(cfg: SegmentationConfig, encoder) -> None:
     elif any(n % encoder.patch_size**5 for n in cfg.roi):
         raise InputError(f"config: method.roi: Swin-UNETR needs sides that are multiples of "
                          f"{encoder.patch_size**5} (patch_size^5), got {list(cfg.roi)}")
+    elif cfg.norm == "instance" and all(n == encoder.patch_size**5 for n in cfg.roi):
+        raise InputError(f"config: method.roi: Swin-UNETR with instance norm needs a side above "
+                         f"{encoder.patch_size**5} (patch_size^5): at {list(cfg.roi)} its bottleneck is a single "
+                         f"voxel, which instance norm cannot normalise in training")
 
 
 # ----------------------------------------------------------------------------------------------
