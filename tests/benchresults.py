@@ -9,6 +9,8 @@ KEYS = {
     "pretrain_throughput": PROVENANCE | {"batch", "rounds", "matmul_peak_gflops", "steps", "comparisons", "loader"},
     "label_efficiency": PROVENANCE | {"setting", "config", "complete", "cells_done", "cells_planned", "results",
                                       "results_last", "comparisons", "comparisons_last", "per_organ"},
+    "brain": PROVENANCE | {"setting", "config", "complete", "cells_done", "cells_planned", "results", "results_last",
+                           "comparisons", "comparisons_last"},
     "cxr": PROVENANCE | {"setting", "config", "stage_minutes", "results", "results_last", "comparisons",
                          "comparisons_last", "per_finding"},
 }

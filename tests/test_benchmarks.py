@@ -228,6 +228,7 @@ STALE = {
     "memory": "written before results recorded their commit and wall time",
     "pretrain_throughput": "written before the same-optimizer comparison (model and step, fused and plain)",
     "label_efficiency": "written before the evidence protocol (test set, comparisons, provenance)",
+    "brain": "not committed yet: the lead runs the full setting from a clean worktree",
     "cxr": "not committed yet: the full run is in progress",
 }
 
