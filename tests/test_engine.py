@@ -348,3 +348,35 @@ def test_compiled_model_gives_the_same_losses(tmp_path, monkeypatch):
     assert sorted(fast) == [1, 2, 3]
     for step in plain:
         assert fast[step] == pytest.approx(plain[step], rel=1e-5), step
+
+
+FAILS_IN_A_STEP = """
+import sys, types
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_engine import fake_volumes, tiny_cfg
+from glmae.engine import distributed
+from glmae.engine.data import SampleDataset
+from glmae.engine.trainer import fit
+from glmae.methods.mae3d import MAE3D
+
+class Fails(MAE3D):
+    def after_step(self, step, total, applied):
+        if step == 2:
+            raise RuntimeError("a bug in a method")
+        return {{}}
+
+cfg = tiny_cfg("data.num_workers=1")
+model = Fails(cfg.encoder, cfg.method)
+fit(model, cfg, SampleDataset(fake_volumes(), model.sampler()), {run!r}, distributed.init("cpu"))
+"""
+
+
+def test_a_run_that_fails_with_an_exception_exits_instead_of_waiting_for_its_loader_workers(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = FAILS_IN_A_STEP.format(tests=str(Path(__file__).parent), run=str(tmp_path / "run"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "a bug in a method" in done.stderr

@@ -90,3 +90,12 @@ def make_loader(
         # whose state is part of the checkpoint
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def close(batches: Iterator) -> None:
+    """Stop the loader's worker processes now. Workers ignore SIGTERM (see `_worker_init`), so
+    if the iterator were left to the interpreter's exit, multiprocessing would send them SIGTERM and
+    wait for them forever: a run that failed with an exception would hang instead of exiting."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # the multi-process iterator's own clean stop
+    if shutdown is not None:
+        shutdown()

@@ -43,6 +43,7 @@ from glmae import config as cfglib
 from glmae.config import Config
 from glmae.engine import checkpoint, distributed
 from glmae.engine.data import SampleDataset, SampleStream, make_loader
+from glmae.engine.data import close as close_loader
 from glmae.engine.distributed import DistEnv
 from glmae.engine.logger import RunLogger
 from glmae.engine.optim import build_optimizer, lr_at, param_groups, peak_lr, set_lr
@@ -345,4 +346,5 @@ def fit(
                     raise Interrupted(f"stopped by signal at step {done}; resume with --resume ({trainer.last_path})")
         finally:
             logger.close()
+            close_loader(batches)
     return model
