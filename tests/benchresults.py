@@ -13,4 +13,5 @@ KEYS = {
                            "comparisons", "comparisons_last"},
     "cxr": PROVENANCE | {"setting", "config", "stage_minutes", "results", "results_last", "comparisons",
                          "comparisons_last", "per_finding"},
+    "options_cost": PROVENANCE | {"rounds", "warmup", "threads", "backend", "overrides", "results"},
 }

@@ -306,6 +306,24 @@ def test_pretrain_throughput_minimal_run_compares_at_equal_work(tmp_path):
     assert "- tiny: glmae " in md and "MONAI's patch embedding" in md  # why the FLOPs differ
 
 
+def test_options_cost_minimal_run_writes_what_the_committed_results_hold(tmp_path):
+    out = tmp_path / "options_cost.json"
+    # aot_eager: AOTAutograd's graphs without inductor's kernels, which take minutes to build on 2 cores
+    load("options_cost").main(["--configs", "mae3d_tiny", "--rounds", "1", "--warmup", "1", "--backend", "aot_eager",
+                               "--set", "train.batch_size=1", "--out", str(out)])
+    ours, committed = (json.loads((d / "options_cost.json").read_text()) for d in (tmp_path, RESULTS))
+    assert set(ours) == KEYS["options_cost"] and ours["commit"] and ours["wall_minutes"] > 0
+    assert [r["variant"] for r in ours["results"]] == ["plain", "grad_checkpoint", "compile"]
+    assert keys(ours["results"]) == keys(committed["results"][:3])
+    plain, checkpointed, compiled = ours["results"]
+    assert plain["vs_plain"] == 1 and plain["max_loss_rel_diff"] == 0 and compiled["saved_mib"] is None
+    assert checkpointed["max_loss_rel_diff"] == 0  # the same losses, as tests/test_engine.py checks
+    assert checkpointed["saved_mib"] < plain["saved_mib"] / 2
+    assert all(r["step_s"] > 0 and r["peak_rss_mib"] > r["rss_before_mib"] > 0 for r in ours["results"])
+    ours_md, committed_md = ((d / "options_cost.md").read_text() for d in (tmp_path, RESULTS))
+    assert headings(ours_md) == headings(committed_md)
+
+
 def test_the_cpu_attention_kernel_counts_as_its_matmuls():
     import torch
     import torch.nn.functional as F
