@@ -164,6 +164,14 @@ def test_bad_options_are_one_line(run_cli, option, value):
     assert code == 2 and err.startswith("glmae: error: ") and option in err and "Traceback" not in err
 
 
+def test_a_config_whose_step_cannot_run_is_one_line(run_cli, no_loader_timing):
+    # mae2d_vit_base's decoder was 256 wide, which the 3D sin-cos table refuses
+    code, _, err = run_cli("plan", "--config", "mae3d_tiny", "--set", "method.decoder_width=256",
+                           "--set", "method.decoder_heads=8")
+    assert code == 2 and err.startswith("glmae: error: config: a training step of mae3d_tiny fails: ")
+    assert "width 256 must be divisible by 6" in err and len(err.splitlines()) == 1
+
+
 def test_a_segmentation_config_without_labels_is_planned_with_btcv_s_and_says_so(run_cli, no_loader_timing):
     code, out, _ = run_cli("plan", "--config", "unetr_tiny")
     assert code == 0 and "assumed       14 output classes, BTCV's" in out

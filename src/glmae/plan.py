@@ -356,7 +356,10 @@ def plan(cfg: Config, name: str, *, gpus: int = 1, gpu_memory: float = 80.0, mfu
     sample = sampler(item, np.random.default_rng(0))
     with fake_tensors():
         model.to_empty(device="cpu")
-        counted = count_step(model, batch_of(sample, cfg.train.batch_size), dtype)
+        try:
+            counted = count_step(model, batch_of(sample, cfg.train.batch_size), dtype)
+        except ValueError as err:  # what the networks raise on shapes and sizes they cannot take
+            raise InputError(f"config: a training step of {name} fails: {err}") from None
     return Plan(name, cfg, notes,
                 trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                 parameters=sum(p.numel() for p in model.parameters()), state_bytes=state_bytes(model, gpus),
