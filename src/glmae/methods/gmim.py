@@ -68,6 +68,7 @@ from glmae.config import EncoderConfig, MethodConfig, register_method
 from glmae.data import sampling
 from glmae.errors import InputError
 from glmae.models import grid_masking, swin
+from glmae.models.features import dense_features
 from glmae.models.patches import token_grid
 from glmae.models.vit import ViT, sincos_embedding
 
@@ -97,6 +98,11 @@ class GMIMConfig(MethodConfig):
     rr_weight: float = 0.005  # weight of the redundancy-reduction loss
     rr_off_diagonal: float = 0.005  # weight of its off-diagonal terms
     rec_masked_only: bool = False
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """The size of what the encoder sees (the online probe's crops)."""
+        return self.roi
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,11 +290,7 @@ class GMIM(nn.Module):
     def features(self, images: torch.Tensor, masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """images (N, C, X, Y, Z), optional per-level masks -> last-stage features (N, D, X/s, Y/s, Z/s)."""
         with _forward_hooks(self._hooks(masks) if masks is not None else []):
-            if self.arch == "swin":
-                return self.encoder(images)[-1]
-            tokens, _ = self.encoder(images)
-        grid = token_grid(images.shape[2:], self.patch)
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
+            return dense_features(self.encoder, images)
 
     def _masks(self, batch: dict) -> list[torch.Tensor]:
         return [batch[f"mask{k}"] for k in range(len(self.levels))]
