@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from glmae.data.sampling import view_box
+from glmae.data.sampling import contains, view_box
 from glmae.methods.glmae import (
     GLMAE,
     GLMAEConfig,
     collapse,
     consistency_loss,
+    local_to_global_pairs,
     momentum_at,
+    pair_cross_entropy,
+    region_weights,
     sample_views,
     teacher_probs,
 )
@@ -78,6 +81,76 @@ def test_a_full_view_resized_to_the_volume_shape_is_the_volume():
     assert "local" not in out
 
 
+def coordinates(shape=(40, 32, 24)):
+    """A volume whose three channels are each voxel's x, y and z index."""
+    image = np.stack(np.indices(shape)).astype(np.float32)
+    return types.SimpleNamespace(image=image, foreground_box=tuple((0, s) for s in shape))
+
+
+def test_nested_local_views_lie_inside_their_global_view():
+    cfg = tiny_cfg(n_local=4, flip_prob=0.0, global_scale=(0.5, 0.8), local_scale=(0.2, 0.5))
+    vol = coordinates()
+    for seed in range(100):
+        out = sample_views(vol, np.random.default_rng(seed), cfg=cfg, patch=4)
+        for j, local in enumerate(out["local"]):
+            parent = out["global"][j % cfg.n_global]
+            for axis in range(3):  # the coordinates a view shows (resizing interpolates between them)
+                lo, hi = parent[axis].min(), parent[axis].max()
+                assert lo - 0.5 <= local[axis].min() and local[axis].max() <= hi + 0.5, (seed, j, axis)
+            assert out["l2g_pairs"][j % cfg.n_global, j] == 1
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_a_box_drawn_inside_another_lies_inside_it(seed):
+    rng = np.random.default_rng(seed)
+    shape = (60, 50, 40)
+    parent = view_box(shape, (0.3, 1.0), rng)
+    child = view_box(shape, (0.1, 0.9), rng, inside=parent)
+    assert contains(parent, child)
+    assert all(0 <= a and a + k <= n for a, k, n in zip(*child, shape))
+
+
+def test_local_views_pair_only_with_the_global_views_that_contain_them():
+    left, right = ((0, 0, 0), (20, 40, 40)), ((20, 0, 0), (20, 40, 40))
+    locals_ = [((2, 2, 2), (10, 10, 10)), ((25, 5, 5), (10, 10, 10)), ((15, 5, 5), (10, 10, 10))]
+    want = [[1, 0, 0], [0, 1, 0]]  # the third straddles both halves: no global teaches it
+    np.testing.assert_array_equal(local_to_global_pairs([left, right], locals_), want)
+    np.testing.assert_array_equal(local_to_global_pairs([left, right], locals_, "all"), np.ones((2, 3)))
+    assert not contains(left, ((19, 0, 0), (2, 1, 1)))
+
+
+def test_region_weights_average_the_view_tokens_inside_the_region():
+    view = ((0, 0, 0), (40, 40, 40))  # token centres at 5, 15, 25, 35 on every axis (grid 4)
+    w = region_weights(view, ((20, 0, 10), (20, 20, 20)), (4, 4, 4)).reshape(4, 4, 4)
+    assert w.sum() == pytest.approx(1.0)
+    assert set(zip(*np.nonzero(w))) == {(x, y, z) for x in (2, 3) for y in (0, 1) for z in (1, 2)}
+    flipped = region_weights(view, ((20, 0, 10), (20, 20, 20)), (4, 4, 4), flips=(0,)).reshape(4, 4, 4)
+    np.testing.assert_array_equal(flipped, w[::-1])  # the view's token 0 shows the volume's far end
+    tiny = region_weights(view, ((21, 21, 21), (2, 2, 2)), (4, 4, 4)).reshape(4, 4, 4)
+    assert tiny[2, 2, 2] == 1.0  # no centre inside: the nearest token
+
+
+def test_matched_targets_average_what_the_student_sees():
+    torch.manual_seed(0)
+    model = GLMAE(ENCODER, tiny_cfg()).eval()
+    batch = batch_of(model)
+    with torch.no_grad():
+        pooled, pairs = model._targets(batch, 2)
+        tokens = model.teacher["encoder"](batch["global"].flatten(0, 1))[0].view(2, 2, 64, -1)
+    keep = batch["global_keep"]
+    torch.testing.assert_close(pooled["global"][1, 0, 0], tokens[1, 0, keep[1, 0]].mean(0))  # its masked copy
+    weights = batch["l2g_pool"][0, 1, 2].float()
+    torch.testing.assert_close(pooled["local"][0, 1, 2], weights @ tokens[0, 1])
+    torch.testing.assert_close(pairs["global"][0], torch.eye(2))
+
+
+def test_views_outside_every_global_are_not_taught_without_nesting():
+    cfg = tiny_cfg(nested_locals=False, n_local=6, global_scale=(0.5, 0.6), local_scale=(0.3, 0.4))
+    pairs = np.concatenate([sample_views(volume(), np.random.default_rng(s), cfg=cfg, patch=4)["l2g_pairs"]
+                            for s in range(20)], axis=1)
+    assert 0 < pairs.mean() < 1  # some locals fall outside a global, and only those pairs are off
+
+
 # --- consistency loss and teacher -------------------------------------------------------------
 
 
@@ -107,6 +180,16 @@ def test_consistency_loss_matches_hand_written_reference(centred):
     want = reference_cross_entropy(t_out.numpy(), s_out.numpy(),
                                    None if center is None else center.numpy(), 0.04, 0.1)
     assert got.item() == pytest.approx(want, rel=1e-9)
+
+
+def test_consistency_loss_averages_over_the_chosen_pairs_only():
+    t_out, s_out = torch.randn(2, 2, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    p_t = teacher_probs(t_out, None, 0.04)
+    pairs = torch.tensor([[[1, 0, 0], [0, 1, 1]], [[0, 0, 0], [1, 0, 0]]], dtype=torch.float64)
+    ce = pair_cross_entropy(p_t, s_out, 0.1)
+    want = (ce[0, 0, 0] + ce[0, 1, 1] + ce[0, 1, 2] + ce[1, 1, 0]) / 4
+    assert consistency_loss(p_t, s_out, 0.1, pairs).item() == pytest.approx(want.item(), rel=1e-12)
+    assert consistency_loss(p_t, s_out, 0.1).item() == pytest.approx(ce.mean().item(), rel=1e-12)
 
 
 def test_centring_changes_the_loss():
@@ -173,6 +256,7 @@ def losses_with(switches, full_state, batch):
 
 TERMS = {"rec_global": "loss_rec_global", "rec_local": "loss_rec_local", "cons_g2g": "loss_cons_g2g",
          "cons_l2g": "loss_cons_l2g"}
+TEACHER_STATS = {"loss_cons", "teacher_entropy", "teacher_mean_entropy", "teacher_spread"}
 # the diagnostics logged with each consistency term
 DIAGNOSTICS = {"cons_g2g": {"kl_g2g", "student_entropy_global"}, "cons_l2g": {"kl_l2g", "student_entropy_local"}}
 
@@ -187,11 +271,14 @@ def test_each_switch_removes_exactly_its_term(switch):
     gone = {TERMS[switch], *DIAGNOSTICS.get(switch, ())}
     assert set(all_on) - set(logs) == gone
     for key, value in all_on.items():
-        if key not in gone:
+        # the consistency loss and the teacher's statistics are over the pairs that remain
+        if key not in gone and not (switch.startswith("cons") and key in TEACHER_STATS):
             assert logs[key] == pytest.approx(value, rel=1e-6), key
     rec = logs.get("loss_rec_global", 0) + logs.get("loss_rec_local", 0)
     g2g, l2g = logs.get("loss_cons_g2g"), logs.get("loss_cons_l2g")
-    pairs = [(g2g, 2), (l2g, 3)]
+    # the consistency loss is the mean over all pairs: each global view with its masked copy, each
+    # local view with the global views that contain it
+    pairs = [(g2g, 2 * 2), (l2g, batch["l2g_pairs"].sum().item())]
     cons = sum(v * n for v, n in pairs if v is not None) / sum(n for v, n in pairs if v is not None)
     assert loss == pytest.approx(rec + cons, rel=1e-6)
 
@@ -223,7 +310,8 @@ def test_every_trainable_parameter_gets_a_gradient():
     ]
     assert not missing, missing
     assert set(logs) == {"loss_rec_global", "loss_rec_local", "loss_cons_g2g", "loss_cons_l2g", "teacher_entropy",
-                         "teacher_mean_entropy", "head_last_norm", *DIAGNOSTICS["cons_g2g"], *DIAGNOSTICS["cons_l2g"]}
+                         "teacher_mean_entropy", "teacher_spread", "head_last_norm", "tau_t", "loss_cons",
+                         *DIAGNOSTICS["cons_g2g"], *DIAGNOSTICS["cons_l2g"]}
     assert 0 < logs["teacher_entropy"] <= math.log(16) + 1e-6
 
 
@@ -246,6 +334,14 @@ def test_collapse_alarm_fires_on_a_collapsed_log_and_not_on_a_healthy_one():
     assert collapse(uniform, log_k, 0) is None  # switched off
 
 
+def test_the_alarm_says_when_every_view_gets_the_same_target():
+    log_k = math.log(512)
+    entropies = [3.0] * 6  # in the band all along
+    assert collapse(entropies, log_k, 5, spreads=[0.5, 0.01, 0.02, 0.01, 0.0, 0.03]) == "shared"
+    assert collapse(entropies, log_k, 5, spreads=[0.01, 0.02, 0.5, 0.01, 0.0, 0.03]) is None
+    assert collapse(entropies, log_k, 5) is None  # batches of one volume log no spread
+
+
 def test_collapse_alarm_warns_once_and_flags_the_log(capsys):
     model = GLMAE(ENCODER, tiny_cfg(collapse_patience=3))
     flags = [model.watch(step, {"teacher_entropy": e}, say=True)["collapse"]
@@ -256,16 +352,66 @@ def test_collapse_alarm_warns_once_and_flags_the_log(capsys):
     assert GLMAE(ENCODER, tiny_cfg(collapse_patience=0)).watch(1, {"teacher_entropy": 6.2}, True) == {}
 
 
-def test_diagnostics_relate_as_cross_entropy_entropy_and_kl():
+@pytest.mark.parametrize("pairs", ["all", "chosen"])
+def test_diagnostics_relate_as_cross_entropy_entropy_and_kl(pairs):
     torch.manual_seed(0)
-    model = GLMAE(ENCODER, tiny_cfg())
-    _, logs = model(batch_of(model))
+    cfg = tiny_cfg(g2g_pairs="all", l2g_pairs="all", target_pool="view") if pairs == "all" else tiny_cfg()
+    model = GLMAE(ENCODER, cfg)
+    batch = batch_of(model)
+    _, logs = model(batch)
     logs = {k: v.item() for k, v in logs.items()}
-    for pair in ("g2g", "l2g"):
-        assert logs[f"kl_{pair}"] == pytest.approx(logs[f"loss_cons_{pair}"] - logs["teacher_entropy"], abs=1e-5)
-        assert logs[f"kl_{pair}"] >= -1e-5
+    # over all teaching pairs: cross-entropy = H(p_t) + KL(p_t || p_s), each a mean over the pairs
+    n_g2g = 2 * 2 * (2 if pairs == "all" else 1)
+    n_l2g = batch["l2g_pairs"].sum().item() if pairs == "chosen" else 2 * 2 * 3
+    kl = (n_g2g * logs["kl_g2g"] + n_l2g * logs["kl_l2g"]) / (n_g2g + n_l2g)
+    assert logs["loss_cons"] - logs["teacher_entropy"] == pytest.approx(kl, abs=1e-5)
+    assert logs["kl_g2g"] >= -1e-5 and logs["kl_l2g"] >= -1e-5
     log_k = math.log(16)
     for key in ("teacher_entropy", "teacher_mean_entropy", "student_entropy_global", "student_entropy_local"):
         assert 0 <= logs[key] <= log_k + 1e-5, key
     assert logs["teacher_mean_entropy"] >= logs["teacher_entropy"] - 1e-5  # entropy is concave
-    assert logs["head_last_norm"] == pytest.approx(model.head[-1].weight.norm().item())
+    assert logs["head_last_norm"] == pytest.approx(model.head.last_weight().norm().item())
+
+
+def test_teacher_temperature_rises_over_its_warm_up_and_resumes_with_the_weights():
+    model = GLMAE(ENCODER, tiny_cfg(tau_t_start=0.02, tau_t=0.06, tau_t_warmup=0.5))
+    temps = []
+    for step in range(0, 11):
+        if step:
+            model.after_step(step, 10, torch.ones(()))
+        temps.append(model.teacher_temperature().item())
+    assert temps[0] == pytest.approx(0.02) and temps[5] == pytest.approx(0.06) and temps[10] == pytest.approx(0.06)
+    assert temps[2] == pytest.approx(0.036)
+    resumed = GLMAE(ENCODER, tiny_cfg(tau_t_start=0.02, tau_t=0.06, tau_t_warmup=0.5))
+    resumed.load_state_dict(model.state_dict())
+    assert resumed.teacher_temperature().item() == pytest.approx(0.06)
+
+
+def test_the_last_layer_is_frozen_for_its_first_steps_only():
+    torch.manual_seed(0)
+    model = GLMAE(ENCODER, tiny_cfg(freeze_last_steps=2))
+    batch = batch_of(model)
+    grads = []
+    for step in range(1, 4):
+        model.zero_grad()
+        model(batch)[0].backward()
+        grads.append(model.head.last.weight.grad.abs().sum().item())
+        assert model.head.mlp[0].weight.grad.abs().sum() > 0
+        model.after_step(step, 10, torch.ones(()))
+    assert grads[0] == grads[1] == 0 and grads[2] > 0
+
+
+def test_local_views_of_every_packaged_config_show_at_least_27_tokens():
+    from glmae.config import available, load_config
+    from glmae.models.patches import token_grid
+
+    checked = 0
+    for name in available():
+        cfg = load_config(name)
+        if cfg.method.name != "glmae" or not cfg.method.n_local:
+            continue
+        visible = round((1 - cfg.method.mask_ratio) * math.prod(token_grid(cfg.method.local_size,
+                                                                         cfg.encoder.patch_size)))
+        assert visible >= 27, (name, visible)
+        checked += 1
+    assert checked >= 4

@@ -33,13 +33,22 @@ def crop_box(
     return tuple(start), tuple(int(s) for s in size)
 
 
-def view_box(shape: Sequence[int], scale: tuple[float, float], rng: np.random.Generator) -> Box:
+def view_box(shape: Sequence[int], scale: tuple[float, float], rng: np.random.Generator,
+             inside: Box | None = None) -> Box:
     """GL-MAE view: side fraction s ~ U(scale) of the volume's extent on every axis (one s per
-    view), at a uniformly random position inside the volume."""
+    view), at a uniformly random position inside the volume, or inside the box `inside` (a local
+    view cut from its global view; a side longer than that box's is cut to it)."""
     s = rng.uniform(*scale)
     size = tuple(max(1, int(round(s * n))) for n in shape)
-    start = tuple(int(rng.integers(0, n - k + 1)) for n, k in zip(shape, size))
+    first, room = ((0,) * len(shape), tuple(shape)) if inside is None else inside
+    size = tuple(min(k, r) for k, r in zip(size, room))
+    start = tuple(int(a + rng.integers(0, r - k + 1)) for a, r, k in zip(first, room, size))
     return start, size
+
+
+def contains(outer: Box, inner: Box) -> bool:
+    """Whether box `inner` lies wholly inside box `outer`."""
+    return all(a <= b and b + k <= a + n for a, n, b, k in zip(*outer, *inner))
 
 
 def crop(image: np.ndarray, box: Box, pad_value: float = 0.0) -> np.ndarray:
