@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from glmae.engine import checkpoint
 from glmae.engine.logger import read_log
@@ -82,3 +83,56 @@ def test_resume_without_a_run_is_refused(phantoms, tmp_path, run_cli):
 def test_a_fine_tuning_config_is_refused_by_pretrain(phantoms, tmp_path, run_cli):
     code, _, err = run_cli("pretrain", "--config", "unetr_tiny", "--data", phantoms, "--out", tmp_path / "r")
     assert code == 2 and "not a pre-training method" in err
+
+
+# --- the online probe -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    from segdata import write_msd
+
+    return write_msd(tmp_path_factory.mktemp("probe") / "data", cases=2, validation=1, shape=(32, 32, 32))
+
+
+# GL-MAE on 32³ volumes at 2 mm: 16³ global and local views, so that a step takes a blink
+SMALL = ["--set", "data.spacing=[2,2,2]", "--set", "method.global_size=[16,16,16]",
+         "--set", "method.local_size=[16,16,16]", "--set", "method.head_hidden=64", "--set", "method.head_out=32"]
+
+
+def test_the_probe_logs_its_dice_at_each_interval_and_draws_its_curve(labelled, tmp_path, run_cli):
+    run = tmp_path / "run"
+    code, _, err = run_cli("pretrain", "--config", "glmae_tiny", "--data", labelled, "--out", run, "--max-steps", 4,
+                           *FAST, *SMALL, "--set", "train.probe_every=2", "--set", f"train.probe_data={labelled}",
+                           "--set", "train.probe_steps=5")
+    assert code == 0, err
+    probes = [(r["step"], r["probe_dice"]) for r in read_log(run / "log.jsonl") if "probe_dice" in r]
+    assert [step for step, _ in probes] == [2, 4]
+    assert all(0 <= dice <= 1 for _, dice in probes)
+    assert (run / "figures" / "probe_dice.png").stat().st_size > 1000
+
+
+def test_the_probe_leaves_the_training_untouched(labelled, tmp_path, run_cli):
+    def train(run, *probe):
+        code, _, err = run_cli("pretrain", "--config", "glmae_tiny", "--data", labelled, "--out", run,
+                               "--max-steps", 4, *FAST, *SMALL, *probe)
+        assert code == 0, err
+        losses = [{k: v for k, v in r.items() if k not in ("time", "probe_dice")} for r in read_log(run / "log.jsonl")]
+        return [r for r in losses if len(r) > 1], checkpoint.load(run / "checkpoints" / "last.pt")["model"]
+
+    plain_log, plain = train(tmp_path / "plain")
+    probed_log, probed = train(tmp_path / "probed", "--set", "train.probe_every=1", "--set",
+                               f"train.probe_data={labelled}", "--set", "train.probe_steps=5")
+    assert plain_log == probed_log
+    assert plain.keys() == probed.keys()
+    assert all(torch.equal(plain[k], probed[k]) for k in plain)
+
+
+def test_a_probe_without_labelled_validation_cases_is_refused(phantoms, labelled, tmp_path, run_cli):
+    base = ["pretrain", "--config", "mae3d_tiny", "--data", labelled, "--out", tmp_path / "r", *FAST,
+            "--set", "train.probe_every=2"]
+    code, _, err = run_cli(*base)
+    assert code == 2 and "train.probe_data" in err and "Traceback" not in err
+    code, _, err = run_cli(*base, "--set", f"train.probe_data={phantoms}")
+    assert code == 2 and "validation" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()

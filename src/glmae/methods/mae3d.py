@@ -48,6 +48,11 @@ class MAE3DConfig(MAEConfig):
     view_scale: tuple[float, float] | None = None  # random-resized views of this side fraction; None: crops
     flip_axes: tuple[int, ...] = (0, 1, 2)  # spatial axes that may be flipped (2D radiographs: [1])
 
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """The size of what the encoder sees (the online probe's crops)."""
+        return self.roi
+
 
 def sample_crop(volume, rng: np.random.Generator, *, cfg: MAE3DConfig, patch) -> dict:
     """One training sample: {"image": (C, *roi) float32, "keep": (K,), "masked": (L-K,) int64}."""
