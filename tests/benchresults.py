@@ -14,4 +14,5 @@ KEYS = {
     "cxr": PROVENANCE | {"setting", "config", "stage_minutes", "results", "results_last", "comparisons",
                          "comparisons_last", "per_finding"},
     "options_cost": PROVENANCE | {"rounds", "warmup", "threads", "backend", "overrides", "results"},
+    "glmae_consistency": PROVENANCE | {"setting", "config", "runs"},
 }

@@ -40,8 +40,10 @@ def pooled_labels(images):  # features that carry the label: the class fractions
 def test_features_that_carry_the_labels_probe_well_and_noise_does_not():
     train, val = crops(4, 0), crops(3, 1)
     good = probe_dice(GridFeatures(pooled_labels), train, val, 2, steps=200, device=torch.device("cpu"))
-    noise = probe_dice(GridFeatures(lambda x: torch.randn(len(x), 3, 4, 4, 4, generator=torch.Generator().manual_seed(0))),
-                       train, val, 2, steps=200, device=torch.device("cpu"))
+    def noise_of(x):
+        return torch.randn(len(x), 3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    noise = probe_dice(GridFeatures(noise_of), train, val, 2, steps=200, device=torch.device("cpu"))
     assert good["probe_dice"] > 0.8 > 0.5 > noise["probe_dice"], (good, noise)
 
 
