@@ -82,8 +82,11 @@ def judge(records: list[dict], steps: int, log_k: float) -> dict:
     low, high = (f * log_k for f in BAND)
     in_band = all(low < v < high for v in after)
     final = float(np.mean(tail))
+    times = [r["time"] for r in records]
+    probe_s = sum(r.get("probe_seconds", 0.0) for r in records)
     return {"steps": steps, "log_k": log_k, "entropy": entropy, "cons_loss": cons,
-            "probe_dice": series(records, "probe_dice"), "entropy_after_warmup": [min(after), max(after)],
+            "probe_dice": series(records, "probe_dice"), "probe_share": probe_s / max(times[-1] - times[0], 1e-9),
+            "entropy_after_warmup": [min(after), max(after)],
             "entropy_in_band": in_band, "final_cons_loss": final, "cons_loss_below_limit": final < LOSS_LIMIT * log_k,
             "collapse_flagged": any(r.get("collapse", 0) > 0 for r in records)}
 
@@ -123,14 +126,15 @@ def report(result: dict, s: Setting, png: str) -> str:
              f"{BAND[1]}·log K; the consistency loss ends (last {TAIL:.0%} of logged steps) below "
              f"{LOSS_LIMIT}·log K.", "",
              "| steps | teacher entropy after warm-up (min–max) | in band | final consistency loss | below limit | "
-             "collapse alarm | probe Dice (first → last) |", "|---:|---|---|---:|---|---|---|"]
+             "collapse alarm | probe Dice (first → last) | probe's share of the run |",
+             "|---:|---|---|---:|---|---|---|---:|"]
     for r in result["runs"]:
         probe = r["probe_dice"]
         probe_text = f"{probe[0][1]:.3f} → {probe[-1][1]:.3f}" if probe else "–"
         lines.append(f"| {r['steps']} | {r['entropy_after_warmup'][0]:.2f}–{r['entropy_after_warmup'][1]:.2f} | "
                      f"{'yes' if r['entropy_in_band'] else 'no'} | {r['final_cons_loss']:.2f} | "
                      f"{'yes' if r['cons_loss_below_limit'] else 'no'} | "
-                     f"{'fired' if r['collapse_flagged'] else 'silent'} | {probe_text} |")
+                     f"{'fired' if r['collapse_flagged'] else 'silent'} | {probe_text} | {r['probe_share']:.1%} |")
     lines += ["", f"![entropy, loss and probe]({png})", "", *closing_lines(result)]
     return "\n".join(lines)
 

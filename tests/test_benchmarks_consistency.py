@@ -22,7 +22,7 @@ def bench(monkeypatch):
 
 
 def log(entropies, losses, every=100):
-    return [{"step": every * (i + 1), "teacher_entropy": e, "loss_cons": c} for i, (e, c) in
+    return [{"step": every * (i + 1), "teacher_entropy": e, "loss_cons": c, "time": float(i)} for i, (e, c) in
             enumerate(zip(entropies, losses))]
 
 
@@ -53,6 +53,7 @@ def test_smoke_setting_writes_the_curves_of_each_run(bench, tmp_path):
     assert [s for s, _ in run["entropy"]] == [s for s, _ in run["cons_loss"]] == [1, 2, 3, 4]
     assert [s for s, _ in run["probe_dice"]] == [2, 4]
     assert {"entropy_in_band", "cons_loss_below_limit", "final_cons_loss", "collapse_flagged"} <= set(run)
+    assert 0 < run["probe_share"] < 1
     md = (results / "glmae_consistency_smoke.md").read_text()
     assert "| steps | teacher entropy after warm-up" in md and "Command: `python benchmarks/glmae_consistency.py" in md
     assert (results / "glmae_consistency_smoke.png").stat().st_size > 1000

@@ -26,7 +26,7 @@ ADDED = {"data.image_size": None, "method.view_scale": None, "method.flip_axes":
          "optim.warmup_epochs": 0.0, "train.grad_checkpoint": False, "train.compile": False,
          "method.nsd_tolerance": 1.0, "method.validate_surface": False, "method.init_channels": "average",
          "method.entropy_percentiles": [0.5, 99.5], "method.collapse_patience": 10, "method.brats_regions": True,
-         "train.probe_every": 0, "train.probe_data": "", "train.probe_steps": 100}
+         "train.probe_every": 500, "train.probe_data": "", "train.probe_steps": 100}
 # GL-MAE's consistency made to keep teaching (issue 21, on purpose): which pairs teach and what a
 # target averages, nested local views, DINO's head (bottleneck, cosine last layer, running
 # normalisation instead of BatchNorm), its freeze, lr and temperature schedule; local views of at

@@ -145,8 +145,9 @@ class TrainConfig:
     val_every: int = 0  # fine-tuning: validate every N steps; 0: only at the end
     grad_checkpoint: bool = False  # recompute each ViT block's activations in the backward pass
     compile: bool = False  # torch.compile the model (the first steps compile it)
-    probe_every: int = 0  # pre-training: the online probe every N steps (methods/probe.py); 0: none
-    probe_data: str = ""  # ... on this labelled data set: fitted on its training cases, scored on its validation cases
+    probe_data: str = ""  # pre-training: the online probe (methods/probe.py) on this labelled data set, fitted
+    # on its training cases and scored on its validation cases; "": no probe
+    probe_every: int = 500  # ... every N steps (0: at the end only)
     probe_steps: int = 100  # ... fitting its linear head for this many steps
 
 

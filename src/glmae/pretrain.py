@@ -14,6 +14,7 @@ checked). A refused run leaves no folder behind (or, with --resume, the folder a
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ def pretrain(cfg: Config, data: str, out: str | Path, resume: bool = False) -> P
     try:
         cfg = resolve_intensity(cfg, load_dataset(data), data, say=env.is_main)  # recorded as resolved
         resume = check_run_dir(out, resume, cfg)
-        probe = Probe(cfg, out, env) if cfg.train.probe_every > 0 else None
+        probe = Probe(cfg, out, env) if cfg.train.probe_data else None
         _, volumes = load_volumes(data, cfg, env, with_label=False)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = PRETRAINING[cfg.method.name](cfg.encoder, cfg.method)
@@ -69,9 +70,6 @@ class Probe:
         from glmae.methods.probe import centre_crops
 
         data = cfg.train.probe_data
-        if not data:
-            raise InputError("config: train.probe_every needs train.probe_data, a labelled data set with "
-                             "training and validation cases")
         dataset = load_dataset(data)
         train, val = dataset.split("training"), dataset.split("validation")
         if not train or not val:
@@ -91,8 +89,10 @@ class Probe:
         from glmae.figures import curves_figure
         from glmae.methods.probe import probe_dice
 
+        started = time.perf_counter()
         metrics = probe_dice(model.export_encoder, self.train, self.val, self.n_classes, self.cfg.train.probe_steps,
                              self.env.device, seed=self.cfg.train.seed)
+        metrics["probe_seconds"] = time.perf_counter() - started  # what the probe costs the run
         if self.env.is_main:
             logged = [r for r in read_log(self.log) if "probe_dice" in r and r["step"] < step]
             points = [(r["step"], r["probe_dice"]) for r in logged] + [(step, metrics["probe_dice"])]
