@@ -131,7 +131,7 @@ def _measure(queue, impl, size, precision, adamw, batch_size, steps, warmup, thr
     cfg = _cfg(size)
     model, loss_fn = MODELS[impl](cfg, batch_size)
     opt = build_optimizer(param_groups(model, cfg.optim.weight_decay), cfg.optim, fused=ADAMW[adamw])
-    set_lr(opt, 1e-4)
+    set_lr(opt, 1e-4, 0)
     dtype = torch.bfloat16 if precision == "bf16" else None
 
     def model_only():

@@ -20,13 +20,15 @@ REMOVED = {"swin_unetr": {"method.feature_size"}, "swin_unetr_tiny": {"method.fe
 # epochs, activation checkpointing, torch.compile, the surface metrics' NSD tolerance and whether
 # fine-tuning validates with them, how --init adapts its input channels,
 # GMIM's entropy range on MRI, GL-MAE's collapse alarm (it only logs and warns), WT/TC/ET regions
-# from BraTS labels (only data sets labelled as BraTS sub-regions meet it)
+# from BraTS labels (only data sets labelled as BraTS sub-regions meet it), fine-tuning's frozen
+# warm-up of the encoder (0: none)
 ADDED = {"data.image_size": None, "method.view_scale": None, "method.flip_axes": [0, 1, 2],
          "encoder.learned_pos_grid": None,
          "optim.warmup_epochs": 0.0, "train.grad_checkpoint": False, "train.compile": False,
          "method.nsd_tolerance": 1.0, "method.validate_surface": False, "method.init_channels": "average",
          "method.entropy_percentiles": [0.5, 99.5], "method.collapse_patience": 10, "method.brats_regions": True,
-         "train.probe_every": 500, "train.probe_data": "", "train.probe_steps": 100}
+         "train.probe_every": 500, "train.probe_data": "", "train.probe_steps": 100,
+         "method.freeze_encoder_steps": 0}
 # GL-MAE's consistency made to keep teaching (issue 21, on purpose): which pairs teach and what a
 # target averages, nested local views, DINO's head (bottleneck, cosine last layer, running
 # normalisation instead of BatchNorm), its freeze, lr and temperature schedule; local views of at

@@ -93,7 +93,9 @@ def test_collectives_run_on_their_groups_device_and_steps_never_wait_for_it(kind
     from glmae.finetune import Validation
     from glmae.methods.validation import evaluate_volumes
 
-    cfg = config(kind, "train.max_steps=6", "train.log_every=3", "train.ckpt_every=3", "train.val_every=3")
+    # fine-tuning with the encoder frozen for the first half (method.freeze_encoder_steps): both kinds of step
+    frozen = ["method.freeze_encoder_steps=3"] if kind == "finetune" else []
+    cfg = config(kind, "train.max_steps=6", "train.log_every=3", "train.ckpt_every=3", "train.val_every=3", *frozen)
     syncs = {"step": [], "periodic": []}
 
     def counted(part):

@@ -1,9 +1,14 @@
+import types
+
 import numpy as np
 import pytest
 import torch
 
-from glmae.config import OptimConfig
+from glmae.config import OptimConfig, load_config
 from glmae.data import sampling
+from glmae.engine import distributed
+from glmae.engine.data import SampleDataset
+from glmae.engine.trainer import fit
 from glmae.methods.segmentation import (
     SegmentationConfig,
     Segmenter,
@@ -151,3 +156,41 @@ def test_swin_unetr_refuses_a_roi_that_leaves_instance_norm_a_single_voxel():
         check_network(SwinUNETRConfig(roi=(32, 32, 32)), swin)
     check_network(SwinUNETRConfig(roi=(32, 32, 32), norm="batch"), swin)  # normalised over the batch
     check_network(SwinUNETRConfig(roi=(64, 32, 32)), swin)  # a 2x1x1 bottleneck
+
+
+class Watched(Segmenter):
+    """A Segmenter that keeps its encoder's and its output layer's weights after every step."""
+
+    def after_step(self, step, total, applied):
+        self.seen.append((torch.cat([p.detach().flatten() for p in self.net.encoder.parameters()]),
+                          self.net.out.conv.conv.weight.detach().clone()))
+        return {}
+
+
+def test_frozen_warm_up_keeps_the_encoder_as_initialised_then_trains_it(tmp_path):
+    cfg = load_config({
+        "task": "finetune", "encoder": {"arch": "vit", "patch_size": 8, "width": 24, "depth": 2, "heads": 2},
+        "method": {"name": "unetr", "roi": [16, 16, 16], "feature_size": 4, "labels": {0: "bg", 1: "a"},
+                   "freeze_encoder_steps": 2},
+        "data": {"num_workers": 0}, "optim": {"lr": 1e-2, "lr_scaling": "none", "warmup_steps": 0, "layer_decay": 0.6},
+        "train": {"max_steps": 4, "batch_size": 2, "log_every": 4, "ckpt_every": 0, "amp": "off", "device": "cpu"},
+    })
+    rng = np.random.default_rng(0)
+    items = []
+    for _ in range(2):
+        label = np.zeros((20, 20, 20), np.uint8)
+        label[6:12, 6:12, 6:12] = 1
+        image = rng.random((1, 20, 20, 20)).astype(np.float32) + label
+        items.append(TrainItem(types.SimpleNamespace(image=image, label=label, foreground_box=((0, 20),) * 3),
+                               foreground_points(label)))
+    torch.manual_seed(0)
+    model = Watched(cfg.encoder, cfg.method)
+    model.seen = []
+    initial = torch.cat([p.detach().flatten() for p in model.net.encoder.parameters()]).clone()
+    out = model.net.out.conv.conv.weight.detach().clone()
+    fit(model, cfg, SampleDataset(items, model.sampler()), tmp_path, distributed.init("cpu"),
+        groups=model.param_groups(cfg.optim))
+    encoder, head = zip(*model.seen)
+    assert torch.equal(encoder[0], initial) and torch.equal(encoder[1], initial)  # steps 1, 2: weight decay too
+    assert not torch.equal(encoder[2], initial) and not torch.equal(encoder[3], encoder[2])  # steps 3, 4
+    assert not torch.equal(head[0], out) and not torch.equal(head[1], head[0])  # the rest trains from step 1

@@ -22,13 +22,16 @@ def param_groups(
     layer_decay: float = 1.0,
     layer_of: Callable[[str], int] | None = None,
     num_layers: int = 0,
+    frozen_steps: Callable[[str], int] | None = None,
 ) -> list[dict]:
     """Groups of trainable parameters, each with `weight_decay` and an `lr_scale`.
 
     With layer-wise decay, a parameter in layer i of `num_layers + 1` (0 = embedding, the last =
-    everything above the encoder) gets lr_scale = layer_decay ** (num_layers - i).
+    everything above the encoder) gets lr_scale = layer_decay ** (num_layers - i). A parameter for
+    which `frozen_steps(name)` is N > 0 goes to a group with `frozen_steps` N: it stays as it is for
+    the first N steps (see `set_lr`).
     """
-    groups: dict[tuple[float, float], dict] = {}
+    groups: dict[tuple[float, float, int], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -36,7 +39,9 @@ def param_groups(
         scale = 1.0
         if layer_decay != 1.0 and layer_of is not None:
             scale = layer_decay ** (num_layers - layer_of(name))
-        group = groups.setdefault((wd, scale), {"params": [], "weight_decay": wd, "lr_scale": scale})
+        frozen = frozen_steps(name) if frozen_steps is not None else 0
+        group = groups.setdefault((wd, scale, frozen), {"params": [], "weight_decay": wd, "lr_scale": scale,
+                                                        **({"frozen_steps": frozen} if frozen > 0 else {})})
         group["params"].append(param)
     return list(groups.values())
 
@@ -72,6 +77,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_lr: float = 0.0) 
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, step: int) -> None:
+    """Each group's lr for the update that follows `step` completed updates: `lr` x its `lr_scale`,
+    or 0 while `step` is below its `frozen_steps`. At lr 0 AdamW leaves a parameter exactly as it is
+    (its update and its decoupled weight decay are both scaled by the lr) while its moments follow
+    the gradients, so a frozen group costs no host sync and, under DDP, every parameter still gets
+    its gradient reduced."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        frozen = step < group.get("frozen_steps", 0)
+        group["lr"] = 0.0 if frozen else lr * group.get("lr_scale", 1.0)

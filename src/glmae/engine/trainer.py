@@ -205,7 +205,7 @@ class Trainer:
         """One optimiser step over `accum_steps` micro-batches; returns (the last batch, whether a
         stop signal reached any rank). Nothing here waits for the device."""
         env, accum = self.env, self.cfg.optim.accum_steps
-        set_lr(self.optimizer, lr)
+        set_lr(self.optimizer, lr, step)
         for micro in range(accum):
             batch = to_device(next(batches), env.device)
             sync = contextlib.nullcontext() if micro == accum - 1 or not env.distributed else net.no_sync()

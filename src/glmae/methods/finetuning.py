@@ -4,6 +4,12 @@ in the config, and a training module around a network with a pretrained `encoder
 The network exposes `encoder` (the part `--init` loads, frozen in linear mode), `num_layers` and
 `layer_of(name)` (layer-wise learning-rate decay: 0 the patch embedding, i + 1 block i,
 `num_layers` everything above the blocks).
+
+`freeze_encoder_steps` N (end to end): a frozen warm-up, the encoder kept as initialised for the
+first N steps while the rest of the network trains, then everything trained together (LP-FT,
+Kumar et al. 2022: a randomly initialised head trained against the encoder from the first step
+distorts pre-trained features). The encoder's parameter groups get lr 0 until step N
+(`glmae.engine.optim.set_lr`): no host sync, and under DDP every parameter still gets its gradient.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ class FinetuneConfig(MethodConfig):
     init_channels: str = "average"
     label_fraction: float = 1.0  # --label-fraction
     split_seed: int = 0  # --split-seed
+    freeze_encoder_steps: int = 0  # e2e: the encoder stays as initialised for this many first steps
 
 
 class FineTuner(nn.Module):
@@ -50,8 +57,12 @@ class FineTuner(nn.Module):
         return self
 
     def param_groups(self, optim: OptimConfig) -> list[dict]:
-        """Trainable parameters with weight decay and layer-wise lr decay (`optim.layer_decay`)."""
+        """Trainable parameters with weight decay, layer-wise lr decay (`optim.layer_decay`) and the
+        encoder's frozen warm-up (`freeze_encoder_steps`)."""
+        encoder = {id(p) for p in self.net.encoder.parameters()}
+        frozen = {name for name, p in self.named_parameters() if id(p) in encoder}
         return param_groups(
             self, optim.weight_decay, optim.layer_decay,
             lambda name: self.net.layer_of(name.removeprefix("net.")), self.net.num_layers,
+            lambda name: self.cfg.freeze_encoder_steps if name in frozen else 0,
         )
