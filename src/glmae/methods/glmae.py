@@ -46,8 +46,11 @@ the 3 other views of a 2-volume batch; none), the L2-normalised bottleneck, and 
 `head_out` = 512 cosine outputs (`head_norm_last`: weight-normalised with its norm frozen, so
 neither weight decay nor the teacher's moving average shrinks the logits toward uniform). It runs
 in fp32 under autocast, once over all student views. `freeze_last_steps`: no gradient to the last
-layer for the first steps (DINO freezes it for an epoch). `head_lr_scale`: the head's lr as a
-fraction of the encoder's. Teacher temperature `tau_t`, with an optional linear warm-up from
+layer for the first steps (DINO freezes it for an epoch). `head_lr_scale` 0.3: the head's lr as a
+fraction of the encoder's; with the encoder's lr (5e-4 at batch 2 in the tiny configs, ~100x
+DINO's per-sample rate) the head's targets swung from sharp to flat within 100 steps, at 0.1 the
+student could no longer follow the teacher. The tiny configs clip gradients at norm 3, as the paper
+configs and DINO do. Teacher temperature `tau_t`, with an optional linear warm-up from
 `tau_t_start` over the first `tau_t_warmup` of the run (both at 0.04 by default: no schedule).
 
 Other choices beyond the paper (each a config option):
@@ -115,7 +118,7 @@ class GLMAEConfig(MAEConfig):
     head_norm_last: bool = True  # weight-normalised last layer, its norm frozen at 1
     head_norm: str = "running"  # before each GELU of the head's MLP: running | batch | none (models/heads.py)
     freeze_last_steps: int = 0  # the last layer gets no gradient for this many first steps
-    head_lr_scale: float = 1.0  # the head's learning rate, as a fraction of the encoder's
+    head_lr_scale: float = 0.3  # the head's learning rate, as a fraction of the encoder's
     tau_s: float = 0.1
     tau_t: float = 0.04
     tau_t_start: float = 0.04  # teacher temperature at step 0, rising linearly to tau_t ...
