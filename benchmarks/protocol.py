@@ -5,7 +5,8 @@
   on validation only; `test_scores` then evaluates that checkpoint, and the last one (which involves
   no selection at all), once on the test cases.
 - Each cell is a `glmae.engine.run.run_stage`, keyed by a digest of its config, data and options,
-  so a changed setting is recomputed, never served from a stale folder.
+  so a changed setting is recomputed, never served from a stale folder; `finished` tells
+  --report-only which cells finished with this setting's inputs.
 - `paired`: seed-paired differences with a 95% t-interval; nothing is said to help unless the
   interval excludes 0.
 - `run_cells`: the cells of a benchmark, run in worker processes sharing the cores; `arguments`,
@@ -44,6 +45,19 @@ def test_scores(run: Path, data: str) -> dict:
                 evaluate(run / "checkpoints" / f"{which}.pt", data, path, split="test")
         scores[which] = json.loads(path.read_text())
     return scores
+
+
+def finished(kind: str, run: Path, cfg, data: Path, options: dict) -> bool:
+    """Whether RUN holds a `run_stage` of KIND that finished with exactly these inputs (its
+    stage.json holds their digest and, once finished, its time): for --report-only, which must never
+    report a cell of another setting, nor one still running."""
+    from glmae.engine.run import stage_digest
+
+    record = run / "stage.json"
+    if not (Path(data).is_file() and record.is_file()):
+        return False
+    stage = json.loads(record.read_text())
+    return "seconds" in stage and stage.get("digest") == stage_digest(kind, cfg, str(data), options)
 
 
 def spread(values: list[float]) -> dict:

@@ -15,4 +15,6 @@ KEYS = {
                          "comparisons_last", "per_finding"},
     "options_cost": PROVENANCE | {"rounds", "warmup", "threads", "backend", "overrides", "results"},
     "glmae_consistency": PROVENANCE | {"setting", "config", "runs"},
+    "pretraining_payoff": PROVENANCE | {"setting", "config", "complete", "cells_done", "cells_planned", "results",
+                                        "results_last", "comparisons", "comparisons_last"},
 }

@@ -231,6 +231,7 @@ STALE = {
     "brain": "not committed yet: the lead runs the full setting from a clean worktree",
     "cxr": "not committed yet: the full run is in progress",
     "glmae_consistency": "not committed yet: it measures GL-MAE's consistency as it is being fixed",
+    "pretraining_payoff": "not committed yet: the lead runs the full setting from a clean worktree",
 }
 
 
