@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import re
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from glmae.config import load_config
 from glmae.demo import BRAIN_FULL, BRAIN_QUICK, FULL, QUICK, Plan, demo
 from glmae.engine import checkpoint
+from glmae.models.patches import token_grid
 from glmae.synth import LABELS
 
 SMALL = ("data.spacing=[6.0,6.0,8.0]", "data.num_workers=0", "train.log_every=1")
@@ -88,4 +90,8 @@ def test_demo_pretrains_at_the_fine_tuning_scale(plan):
     tune = load_config(plan.finetune_config, plan.finetune_set)
     assert pre.data.spacing == tune.data.spacing
     assert tuple(pre.method.global_size) == tuple(tune.method.roi)  # a token covers the same anatomy
-    assert all(2 * a == b for a, b in zip(pre.method.local_size, pre.method.global_size))
+    # local views cut from a smaller part of the volume, resized to show at least 27 visible tokens
+    assert pre.method.local_scale[1] < pre.method.global_scale[0]
+    assert all(a <= b for a, b in zip(pre.method.local_size, pre.method.global_size))
+    tokens = math.prod(token_grid(pre.method.local_size, pre.encoder.patch_size))
+    assert round((1 - pre.method.mask_ratio) * tokens) >= 27

@@ -32,12 +32,14 @@ COMMON = {
     "optim": {"lr": 1e-3, "lr_scaling": "none", "warmup_steps": 2},
     "train": {"max_steps": 3, "batch_size": 2, "log_every": 1, "ckpt_every": 3, "amp": "off", "device": "cpu"},
 }
+GLMAE_METHOD = {"name": "glmae", "n_global": 2, "n_local": 2, "global_size": [16, 16, 8], "local_size": [8, 8, 8],
+         "local_scale": [0.4, 0.5], "head_hidden": 32, "head_out": 16, **DECODER}
 METHODS = {
     "mae3d": {"task": "pretrain", "method": {"name": "mae3d", "roi": [16, 16, 8], **DECODER}},
-    # BatchNorm in the head (the default), so the equality needs the global batch's statistics
-    "glmae": {"task": "pretrain", "method": {
-        "name": "glmae", "n_global": 2, "n_local": 2, "global_size": [16, 16, 8], "local_size": [8, 8, 8],
-        "head_hidden": 32, "head_out": 16, "head_batch_norm": True, **DECODER}},
+    # the head's running normalisation (the default) sums its statistics over the ranks
+    "glmae": {"task": "pretrain", "method": {**GLMAE_METHOD, "head_norm": "running"}},
+    # BatchNorm in the head, so the equality needs the global batch's statistics (SyncBatchNorm)
+    "glmae_batchnorm": {"task": "pretrain", "method": {**GLMAE_METHOD, "head_norm": "batch"}},
     "finetune": {"task": "finetune", "method": {
         "name": "unetr", "roi": [16, 16, 16], "feature_size": 4, "labels": {0: "background", 1: "cube"},
         "sw_batch_size": 1}},
@@ -74,7 +76,8 @@ def build(kind, cfg):
             # BatchNorm cancels the bias before it: its gradient is round-off, which Adam would
             # turn into steps of random sign; frozen, it stays 0 in every run
             layer.bias.requires_grad_(False)
-    return model, SampleDataset(volumes(), model.sampler()), None
+    groups = model.param_groups(cfg.optim) if hasattr(model, "param_groups") else None  # as `glmae pretrain`
+    return model, SampleDataset(volumes(), model.sampler()), groups
 
 
 def train(kind, cfg, run_dir, env, **kwargs):
@@ -85,7 +88,7 @@ def train(kind, cfg, run_dir, env, **kwargs):
 # --- the GPU path, on a simulated GPU ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["mae3d", "glmae", "finetune"])
+@pytest.mark.parametrize("kind", ["mae3d", "glmae", "glmae_batchnorm", "finetune"])
 def test_collectives_run_on_their_groups_device_and_steps_never_wait_for_it(kind, tmp_path, monkeypatch):
     """A 2-rank NCCL job on a simulated GPU: every tensor reaching a collective is on the device
     (default group) or on the CPU (host group), which raises WrongDevice otherwise; a step, and the
@@ -122,7 +125,7 @@ def test_collectives_run_on_their_groups_device_and_steps_never_wait_for_it(kind
     assert ("all_reduce", "meta", "default") in calls  # loss means and the non-finite record
     assert ("all_reduce", "cpu", "host") in calls  # the stop signal
     assert ("all_gather_object", None, "host") in calls  # random states for the checkpoint
-    if kind == "glmae":
+    if kind == "glmae_batchnorm":
         assert all(isinstance(m, SyncBatchNorm) for m in model.modules() if isinstance(m, nn.BatchNorm1d))
         assert any(isinstance(m, SyncBatchNorm) for m in model.modules())
     if kind == "finetune":
@@ -216,8 +219,10 @@ def test_glmae_centre_is_reduced_on_the_device(monkeypatch):
         batch = {k: torch.as_tensor(np.stack([samples[(i, i)][k] for i in range(2)])).to(env.device)
                  for k in samples[(0, 0)]}
         model(batch)
-    # the centre's sum and count (all_reduce_sum_), on the device
-    assert [c for c in sim.calls if c[0] == "all_reduce"] == [("all_reduce", "meta", "default")] * 2
+    # the centre's sum and count, the head's running statistics (all_reduce_sum_) and the number of
+    # teaching pairs (mean_denominator), on the device
+    reduces = [c for c in sim.calls if c[0] == "all_reduce"]
+    assert reduces == [("all_reduce", "meta", "default")] * len(reduces) and len(reduces) >= 3
 
 
 # --- non-finite losses, checked at the periodic work ------------------------------------------
@@ -355,5 +360,6 @@ def test_two_gloo_ranks_train_as_one_process_with_twice_the_batch(tmp_path):
         assert [r["step"] for r in logged] == [r["step"] for r in alone] == [1, 2, 3]
         for mine, theirs in zip(logged, alone):
             # the entropy of a batch mean is not a mean over ranks: each rank logs its own batch's
-            for key in theirs.keys() - {"time", "teacher_mean_entropy"}:
+            # (the spread is logged for batches of two volumes or more only)
+            for key in theirs.keys() - {"time", "teacher_mean_entropy", "teacher_spread"}:
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), (kind, key)

@@ -92,6 +92,18 @@ def all_reduce_sum_(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def mean_denominator(count: torch.Tensor) -> torch.Tensor:
+    """What a rank divides its sum of N_r terms by, so that the ranks' average (DDP averages the
+    gradients) is the mean over all sum(N_r) terms, as one process with the whole batch computes
+    it: sum over the ranks of `count`, divided by their number. `count`, a tensor of counts on the
+    compute device (one all-reduce for all of them); no gradient flows through it."""
+    if not dist.is_initialized():
+        return count
+    total = count.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
 def any_rank(flag: bool, env: DistEnv) -> bool:
     """Whether `flag` is true on any rank (over the host group: no wait for the GPU)."""
     if not env.distributed:

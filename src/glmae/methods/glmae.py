@@ -388,9 +388,11 @@ class GLMAE(MaskedAutoencoder):
             if cfg.center and self.training:
                 self._update_center(teacher_out, used)
             h = -(p_t * p_t.clamp_min(1e-12).log()).sum(-1)  # (P,) each target's entropy
-            n_used = used.sum().clamp_min(1)
-            h_t = (h * used).sum() / n_used
-            mean_entropy = entropy((p_t * used[:, None]).sum(0) / n_used)
+            # the number of teaching pairs varies with the views, so means (the loss's, the logged
+            # ones) divide by the count over every rank, as one process with the whole batch would
+            counts = distributed.mean_denominator(torch.stack([pairs[kind].sum() for kind in kinds])).clamp_min(1)
+            h_t = (h * used).sum() / counts.sum()
+            mean_entropy = entropy((p_t * used[:, None]).sum(0) / used.sum().clamp_min(1))
         train_last = (self.steps_done >= cfg.freeze_last_steps).float()
         views = [features[kind].mean(1) for kind in kinds]  # (B·J, D): the student's views, pooled
         if cfg.head_norm == "batch":  # one BatchNorm batch per kind, as the teacher's holds the global views
@@ -402,21 +404,19 @@ class GLMAE(MaskedAutoencoder):
         logs = {"teacher_entropy": h_t, "teacher_mean_entropy": mean_entropy,
                 "head_last_norm": self.head.last_weight().detach().norm(), "tau_t": self.teacher_temperature()}
         if n_batch > 1:  # the views of one volume may rightly share a target, those of several should not
-            logs["teacher_spread"] = mean_entropy - h_t
-        total, count = 0.0, 0.0
-        for kind, out, shape, p, hk in zip(kinds, student, shapes, p_t.split([math.prod(x) for x in shapes]),
-                                            h.split([math.prod(x) for x in shapes])):
+            logs["teacher_spread"] = mean_entropy - (h * used).sum() / used.sum().clamp_min(1)
+        total = 0.0
+        sizes = [math.prod(x) for x in shapes]
+        for kind, out, shape, p, hk, n in zip(kinds, student, shapes, p_t.split(sizes), h.split(sizes), counts):
             out = out.view(n_batch, -1, cfg.head_out)  # (B, J, K)
-            ce = pair_cross_entropy(p.view(*shape, -1), out, cfg.tau_s)  # (B, N_g, J)
-            n = pairs[kind].sum().clamp_min(1)
-            term = (ce * pairs[kind]).sum() / n
+            ce = pair_cross_entropy(p.view(*shape, -1), out, cfg.tau_s) * pairs[kind]  # (B, N_g, J)
             pair = "g2g" if kind == "global" else "l2g"
-            logs[f"loss_cons_{pair}"] = term.detach()
-            logs[f"kl_{pair}"] = ((ce.detach() - hk.view(shape)) * pairs[kind]).sum() / n
+            logs[f"loss_cons_{pair}"] = ce.detach().sum() / n
+            logs[f"kl_{pair}"] = (ce.detach() - hk.view(shape) * pairs[kind]).sum() / n
             with torch.no_grad():
                 logs[f"student_entropy_{kind}"] = entropy(F.softmax(out / cfg.tau_s, -1))
-            total, count = total + (ce * pairs[kind]).sum(), count + pairs[kind].sum()
-        loss = total / count.clamp_min(1)
+            total = total + ce.sum()
+        loss = total / counts.sum()
         logs["loss_cons"] = loss.detach()
         return loss, logs
 
