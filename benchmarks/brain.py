@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from protocol import arguments, paired, run_cells, run_stamp, spread, test_scores, verdict, whole_run
+from protocol import (arguments, finished_test_scores, paired, run_cells, run_stamp, spread, test_scores, verdict,
+                      whole_run)
 from provenance import closing_lines, command, commit, machine
 
 from glmae.engine.run import run_stage
@@ -158,18 +159,10 @@ def encoder_paths(s: Setting, work: Path) -> dict:
 
 
 def done_scores(key: tuple, s: Setting, work: Path) -> dict | None:
-    """For --report-only: a cell's test scores if it finished with this setting (its stage.json holds
-    the digest of this setting's cell: config, data set, pre-trained encoder, options), else None."""
-    from glmae.engine.run import stage_digest
-
-    data = work / "data" / "finetune.json"
+    """For --report-only: a cell's test scores if it finished with this setting (config, data set,
+    pre-trained encoder, options), else None."""
     run, cfg, options = finetune_setup(*key, s, work, encoder_paths(s, work))
-    paths = {which: run / f"test_{which}.json" for which in ("best", "last")}
-    if not (data.is_file() and (run / "stage.json").is_file() and all(p.is_file() for p in paths.values())):
-        return None
-    if json.loads((run / "stage.json").read_text()).get("digest") != stage_digest("finetune", cfg, str(data), options):
-        return None
-    return {which: json.loads(p.read_text()) for which, p in paths.items()}
+    return finished_test_scores(run, cfg, work / "data" / "finetune.json", options)
 
 
 def _mean(values: list) -> dict | None:
@@ -263,9 +256,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> dict:
-    p = arguments(__doc__, "brain", SETTINGS)
-    p.add_argument("--report-only", action="store_true",
-                   help="summarise the cells of this setting done so far, train nothing")
+    p = arguments(__doc__, "brain", SETTINGS, report_only=True)
     args = p.parse_args(argv)
     s = SETTINGS[args.setting]
     made_from, cmd = commit(), command(__file__, argv)  # the code as it was when the run started

@@ -353,9 +353,7 @@ def report(result: dict, s: Setting, png: str, n_invocations: int) -> str:
 
 
 def main(argv=None) -> dict:
-    p = arguments(__doc__, "pretraining_payoff", SETTINGS)
-    p.add_argument("--report-only", action="store_true",
-                   help="summarise the cells of this setting done so far, train nothing")
+    p = arguments(__doc__, "pretraining_payoff", SETTINGS, report_only=True)
     args = p.parse_args(argv)
     s = SETTINGS[args.setting]
     made_from, cmd = commit(), command(__file__, argv)  # the code as it was when the run started

@@ -60,6 +60,15 @@ def finished(kind: str, run: Path, cfg, data: Path, options: dict) -> bool:
     return "seconds" in stage and stage.get("digest") == stage_digest(kind, cfg, str(data), options)
 
 
+def finished_test_scores(run: Path, cfg, data: Path, options: dict) -> dict | None:
+    """For --report-only: a fine-tuning cell's test scores ({"best", "last"}, as `test_scores`) if
+    it `finished` with exactly these inputs and was scored, else None."""
+    paths = {which: run / f"test_{which}.json" for which in ("best", "last")}
+    if not (all(p.is_file() for p in paths.values()) and finished("finetune", run, cfg, data, options)):
+        return None
+    return {which: json.loads(p.read_text()) for which, p in paths.items()}
+
+
 def spread(values: list[float]) -> dict:
     """Mean and sample standard deviation over seeds (0 for a single seed)."""
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
@@ -93,16 +102,19 @@ def verdict(comparison: dict) -> str:
     return "helps" if ci[0] > 0 else "hurts" if ci[1] < 0 else "no evidence either way"
 
 
-def arguments(doc: str, name: str, settings: dict) -> argparse.ArgumentParser:
+def arguments(doc: str, name: str, settings: dict, report_only: bool = False) -> argparse.ArgumentParser:
     """--setting (a key of `settings`, default full), --work (the run's resumable cells, default
     benchmarks/work/NAME), --results and --jobs: the options of every benchmark that follows this
-    protocol."""
+    protocol; with `report_only`, --report-only too."""
     here = Path(__file__).parent
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--setting", choices=list(settings), default="full")
     p.add_argument("--work", type=Path, default=here / "work" / name)
     p.add_argument("--results", type=Path, default=here / "results")
     p.add_argument("--jobs", type=int, default=1, help="cells run concurrently (each with cores/jobs threads)")
+    if report_only:
+        p.add_argument("--report-only", action="store_true",
+                       help="summarise the cells of this setting done so far, train nothing")
     return p
 
 

@@ -92,7 +92,7 @@ def test_label_efficiency_failing_cell_cancels_the_cells_not_started(tmp_path):
 
 def finished_cells(bench, work, dice: dict) -> None:
     """Cells of the smoke setting at 50% as a finished run leaves them, without training: the data
-    set, stage.json with the digest of this setting's cell, the test scores ({method: best Dice},
+    set, stage.json with the digest of this setting's cell and its time, the test scores ({method: best Dice},
     seed 0; the last checkpoint's half of it)."""
     from glmae.engine.run import stage_digest
     from glmae.synth.study import write_study
@@ -105,7 +105,8 @@ def finished_cells(bench, work, dice: dict) -> None:
     for method, d in dice.items():
         run, cfg, options = bench.finetune_setup(method, "e2e", 0.5, 0, s, work, {"glmae": encoder})
         run.mkdir(parents=True)
-        (run / "stage.json").write_text(json.dumps({"digest": stage_digest("finetune", cfg, str(data), options)}))
+        digest = stage_digest("finetune", cfg, str(data), options)
+        (run / "stage.json").write_text(json.dumps({"digest": digest, "seconds": 1.0}))  # finished
         for which, value in (("best", d), ("last", d / 2)):
             (run / f"test_{which}.json").write_text(json.dumps({"mean_dice": value, "per_class": {"liver": value}}))
 
