@@ -230,7 +230,6 @@ STALE = {
     "pretrain_throughput": "written before the same-optimizer comparison (model and step, fused and plain)",
     "label_efficiency": "written before the evidence protocol (test set, comparisons, provenance)",
     "brain": "not committed yet: the lead runs the full setting from a clean worktree",
-    "cxr": "not committed yet: the full run is in progress",
     "glmae_consistency": "not committed yet: it measures GL-MAE's consistency as it is being fixed",
     "pretraining_payoff": "not committed yet: the lead runs the full setting from a clean worktree",
 }
