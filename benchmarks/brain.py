@@ -35,8 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from protocol import (arguments, finished_test_scores, paired, run_cells, run_stamp, spread, test_scores, verdict,
-                      whole_run)
+from protocol import (
+    arguments,
+    finished_test_scores,
+    paired,
+    run_cells,
+    run_stamp,
+    spread,
+    test_scores,
+    verdict,
+    whole_run,
+)
 from provenance import closing_lines, command, commit, machine
 
 from glmae.engine.run import run_stage

@@ -13,8 +13,9 @@ shared machine hit both sides alike; each figure is the median over rounds of pe
 FLOPs per step (forward + backward; AdamW's element-wise update is not counted) come from
 `torch.utils.flop_counter`. It has no formula for the fused CPU attention kernel that glmae's
 attention calls (`F.scaled_dot_product_attention`), so glmae's attention would count as zero; this
-script registers torch's flash-attention formula for it, which counts the backward's recomputation
-of the attention scores (2.5x the forward; MONAI's explicit matmuls count 2x). The report says where
+script counts it as `glmae plan` does (`glmae.plan.cpu_attention_flops`, torch's flash-attention
+formula), which counts the backward's recomputation of the attention scores (2.5x the forward;
+MONAI's explicit matmuls count 2x). The report says where
 the two sides' FLOPs differ. The achieved GFLOP/s are set against a large matmul measured in the same
 run, and the data loader's crops/s are measured beside.
 
@@ -103,28 +104,11 @@ def _monai_model(cfg, batch_size):
 MODELS = {"glmae": _glmae_model, "monai": _monai_model}
 
 
-def count_cpu_attention() -> None:
-    """Give torch's FLOP counter a formula for the fused CPU attention kernel (and its backward):
-    torch's own flash-attention one."""
-    from torch.utils import flop_counter
-
-    aten = torch.ops.aten
-    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
-        return
-
-    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
-    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.sdpa_flop_count(query, key, value)
-
-    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
-    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-
 def _measure(queue, impl, size, precision, adamw, batch_size, steps, warmup, threads):
     from torch.utils.flop_counter import FlopCounterMode
 
     from glmae.engine.optim import build_optimizer, param_groups, set_lr
+    from glmae.plan import cpu_attention_flops
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -147,8 +131,7 @@ def _measure(queue, impl, size, precision, adamw, batch_size, steps, warmup, thr
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    count_cpu_attention()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_flops())
     key = {"impl": impl, "size": size, "precision": precision, "adamw": adamw}
     try:
         with counter:

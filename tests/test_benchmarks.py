@@ -326,25 +326,6 @@ def test_options_cost_minimal_run_writes_what_the_committed_results_hold(tmp_pat
     assert headings(ours_md) == headings(committed_md)
 
 
-def test_the_cpu_attention_kernel_counts_as_its_matmuls():
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
-
-    load("pretrain_throughput").count_cpu_attention()
-    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))
-
-    def flops(fn):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            fn()
-        return counter.get_total_flops()
-
-    explicit = flops(lambda: (q @ k.transpose(-1, -2)).softmax(-1) @ v)
-    assert explicit == 2 * (2 * 2 * 3 * 10 * 10 * 8)  # two batched matmuls
-    assert flops(lambda: F.scaled_dot_product_attention(q, k, v)) == explicit
-
-
 def readme_results() -> list[str]:
     """The lines of README's results section ("Does pre-training help?")."""
     text = (BENCHMARKS.parent / "README.md").read_text()

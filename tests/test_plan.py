@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from glmae import plan as planning
 from glmae.config import available, load_config
@@ -192,3 +194,17 @@ def test_every_paper_scale_config_plans(no_loader_timing, name):
     plan = planning.plan(load_config(name), name, gpus=8)
     assert plan.flops > 1e9 and plan.activation_bytes > 0 and plan.trainable > 1e6
     assert "time " in planning.report(plan)
+
+
+def test_the_cpu_attention_kernel_counts_as_its_matmuls():
+    q, k, v = (torch.randn(2, 3, 10, 8) for _ in range(3))
+
+    def flops(fn):
+        counter = FlopCounterMode(display=False, custom_mapping=planning.cpu_attention_flops())
+        with counter:
+            fn()
+        return counter.get_total_flops()
+
+    explicit = flops(lambda: (q @ k.transpose(-1, -2)).softmax(-1) @ v)
+    assert explicit == 2 * (2 * 2 * 3 * 10 * 10 * 8)  # two batched matmuls
+    assert flops(lambda: F.scaled_dot_product_attention(q, k, v)) == explicit

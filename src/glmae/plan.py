@@ -66,10 +66,10 @@ class StepCount:
     saved_bytes: int  # bytes of the tensors autograd saved for the backward pass (parameters excluded)
 
 
-def _cpu_attention_flops():
-    """FlopCounterMode's formulas for the CPU's fused attention, which it does not count by itself
-    (it knows the CUDA kernels): those of the flash attention it is, 2.5x the forward's FLOPs in
-    the backward pass, which computes the scores again."""
+def cpu_attention_flops() -> dict:
+    """FlopCounterMode's formulas (its `custom_mapping`) for the CPU's fused attention, which it does
+    not count by itself (it knows the CUDA kernels): those of the flash attention it is, 2.5x the
+    forward's FLOPs in the backward pass, which computes the scores again."""
     from torch.utils import flop_counter
 
     aten = torch.ops.aten
@@ -102,7 +102,7 @@ def count_step(model: nn.Module, batch: dict, dtype: torch.dtype | None) -> Step
         return tensor
 
     device = next(model.parameters()).device
-    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_flops())
     with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with autocast(device, dtype):
             loss, _ = model(batch)
