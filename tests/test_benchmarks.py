@@ -326,6 +326,21 @@ def test_options_cost_minimal_run_writes_what_the_committed_results_hold(tmp_pat
     assert headings(ours_md) == headings(committed_md)
 
 
+def test_the_readme_quotes_the_committed_cxr_comparisons():
+    import re
+
+    data = json.loads((RESULTS / "cxr.json").read_text())
+    known = {(f"{c['diff_mean']:+.3f}", f"{c['fraction']:.0%}", *(f"{x:+.3f}" for x in c["ci95"]), c["n_favour"],
+              c["n_seeds"]) for c in data["comparisons"]}
+    section = (BENCHMARKS.parent / "README.md").read_text().split("\n## 2D: chest X-rays")[1].split("\n## ")[0]
+    prose = " ".join(section.split()).replace("−", "-")
+    quoted = re.findall(r"([+-]\d\.\d{3}) at (\d+%)(?: labels)? \(95% CI \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\], "
+                        r"(\d+) of (\d+) seeds\)", prose)
+    assert len(quoted) == 2
+    for diff, fraction, lo, hi, favour, n in quoted:
+        assert (diff, fraction, lo, hi, int(favour), int(n)) in known, (diff, fraction, lo, hi)
+
+
 def readme_results() -> list[str]:
     """The lines of README's results section ("Does pre-training help?")."""
     text = (BENCHMARKS.parent / "README.md").read_text()
