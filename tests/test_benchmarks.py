@@ -229,7 +229,6 @@ STALE = {
     "memory": "written before results recorded their commit and wall time",
     "pretrain_throughput": "written before the same-optimizer comparison (model and step, fused and plain)",
     "label_efficiency": "written before the evidence protocol (test set, comparisons, provenance)",
-    "brain": "not committed yet: the lead runs the full setting from a clean worktree",
     "glmae_consistency": "not committed yet: it measures GL-MAE's consistency as it is being fixed",
     "pretraining_payoff": "not committed yet: the lead runs the full setting from a clean worktree",
 }
@@ -326,19 +325,35 @@ def test_options_cost_minimal_run_writes_what_the_committed_results_hold(tmp_pat
     assert headings(ours_md) == headings(committed_md)
 
 
-def test_the_readme_quotes_the_committed_cxr_comparisons():
+def readme_quotes(section: str) -> list[tuple]:
+    """(difference, "at N%" or "", low, high, seeds favouring, seeds) of each interval quoted in the
+    README section titled SECTION, as written."""
     import re
 
+    text = (BENCHMARKS.parent / "README.md").read_text().split(f"\n## {section}")[1].split("\n## ")[0]
+    prose = " ".join(text.split()).replace("−", "-")
+    number = r"[+-]\d\.\d{3}"
+    at = r"(?: at (\d+%)(?: labels)?)?"
+    return re.findall(rf"({number}){at} \(95% CI \[({number}), ({number})\], (\d+) of (\d+) seeds\)", prose)
+
+
+def interval(c: dict, fraction: str = "") -> tuple:
+    return (f"{c['diff_mean']:+.3f}", fraction, *(f"{x:+.3f}" for x in c["ci95"]), str(c["n_favour"]),
+            str(c["n_seeds"]))
+
+
+def test_the_readme_quotes_the_committed_cxr_comparisons():
     data = json.loads((RESULTS / "cxr.json").read_text())
-    known = {(f"{c['diff_mean']:+.3f}", f"{c['fraction']:.0%}", *(f"{x:+.3f}" for x in c["ci95"]), c["n_favour"],
-              c["n_seeds"]) for c in data["comparisons"]}
-    section = (BENCHMARKS.parent / "README.md").read_text().split("\n## 2D: chest X-rays")[1].split("\n## ")[0]
-    prose = " ".join(section.split()).replace("−", "-")
-    quoted = re.findall(r"([+-]\d\.\d{3}) at (\d+%)(?: labels)? \(95% CI \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\], "
-                        r"(\d+) of (\d+) seeds\)", prose)
-    assert len(quoted) == 2
-    for diff, fraction, lo, hi, favour, n in quoted:
-        assert (diff, fraction, lo, hi, int(favour), int(n)) in known, (diff, fraction, lo, hi)
+    known = {interval(c, f"{c['fraction']:.0%}") for c in data["comparisons"]}
+    quoted = readme_quotes("2D: chest X-rays")
+    assert len(quoted) == 2 and set(quoted) <= known, quoted
+
+
+def test_the_readme_quotes_the_committed_brain_comparisons():
+    data = json.loads((RESULTS / "brain.json").read_text())
+    known = {interval(c) for c in data["comparisons"] if c["metric"] == "mean_dice" and c["checkpoint"] == "best"}
+    quoted = readme_quotes("Brain tumour MRI (BraTS)")
+    assert len(quoted) == 4 and set(quoted) <= known, quoted
 
 
 def readme_results() -> list[str]:
