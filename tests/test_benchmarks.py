@@ -225,7 +225,6 @@ LABEL_EFFICIENCY_MD = [
 # Committed results older than their script's output: each fails the check below until its command
 # (README, "Development") regenerates it, and must then leave this list (strict).
 STALE = {
-    "glmae_cost": "written before results recorded their commit and wall time",
     "memory": "written before results recorded their commit and wall time",
     "pretrain_throughput": "written before the same-optimizer comparison (model and step, fused and plain)",
     "label_efficiency": "written before the evidence protocol (test set, comparisons, provenance)",
