@@ -226,7 +226,6 @@ LABEL_EFFICIENCY_MD = [
 # (README, "Development") regenerates it, and must then leave this list (strict).
 STALE = {
     "memory": "written before results recorded their commit and wall time",
-    "pretrain_throughput": "written before the same-optimizer comparison (model and step, fused and plain)",
     "label_efficiency": "written before the evidence protocol (test set, comparisons, provenance)",
     "glmae_consistency": "not committed yet: it measures GL-MAE's consistency as it is being fixed",
     "pretraining_payoff": "not committed yet: the lead runs the full setting from a clean worktree",
