@@ -225,7 +225,6 @@ LABEL_EFFICIENCY_MD = [
 # Committed results older than their script's output: each fails the check below until its command
 # (README, "Development") regenerates it, and must then leave this list (strict).
 STALE = {
-    "memory": "written before results recorded their commit and wall time",
     "label_efficiency": "written before the evidence protocol (test set, comparisons, provenance)",
     "glmae_consistency": "not committed yet: it measures GL-MAE's consistency as it is being fixed",
     "pretraining_payoff": "not committed yet: the lead runs the full setting from a clean worktree",
