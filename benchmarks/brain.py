@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from protocol import (
     arguments,
+    comparison_cells,
     finished_test_scores,
     paired,
     run_cells,
@@ -234,9 +235,8 @@ def comparison_lines(comps: list[dict]) -> list[str]:
     for c in comps:
         digits = 3 if c["metric"] == "mean_dice" else 2
         what = "Dice, a − b" if c["metric"] == "mean_dice" else "HD95 reduction (mm), b − a"
-        ci = f"[{c['ci95'][0]:+.{digits}f}, {c['ci95'][1]:+.{digits}f}]" if c["ci95"] else "–"
         lines.append(f"| {NAMES[c['a']]} − {NAMES[c['b']]} | {what} | {c['checkpoint']} | "
-                     f"{c['diff_mean']:+.{digits}f} | {ci} | {c['n_favour']}/{c['n_seeds']} | {c['verdict']} |")
+                     + comparison_cells(c, digits))
     return lines
 
 

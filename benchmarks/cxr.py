@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from protocol import arguments, paired, run_cells, run_stamp, spread, test_scores, verdict, whole_run
+from protocol import arguments, comparison_cells, paired, run_cells, run_stamp, spread, test_scores, verdict, whole_run
 from provenance import closing_lines, command, commit, machine
 
 from glmae.engine.run import run_stage
@@ -176,9 +176,8 @@ def comparison_lines(comparisons: list[dict]) -> list[str]:
     lines = ["| comparison | labels | checkpoint | mean difference | 95% CI | seeds favouring | verdict |",
              "|---|---:|---|---:|---|---:|---|"]
     for c in comparisons:
-        ci = f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else "–"
         lines.append(f"| {NAMES[c['a']]} − {NAMES[c['b']]} | {c['fraction']:.0%} | {c['checkpoint']} | "
-                     f"{c['diff_mean']:+.3f} | {ci} | {c['n_favour']}/{c['n_seeds']} | {c['verdict']} |")
+                     + comparison_cells(c))
     return lines
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from protocol import (
     arguments,
+    comparison_cells,
     finished_test_scores,
     paired,
     run_cells,
@@ -176,9 +177,8 @@ def comparison_lines(comps: list[dict]) -> list[str]:
     lines = ["| comparison | mode | labels | mean difference (points) | 95% CI | seeds favouring | verdict |",
              "|---|---|---:|---:|---|---:|---|"]
     for c in comps:
-        ci = f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]" if c["ci95"] else "–"
         lines.append(f"| {NAMES[c['a']]} − {NAMES[c['b']]} | {c['mode']} | {c['fraction']:.0%} | "
-                     f"{100 * c['diff_mean']:+.1f} | {ci} | {c['n_favour']}/{c['n_seeds']} | {c['verdict']} |")
+                     + comparison_cells(c, 1, 100))
     return lines
 
 

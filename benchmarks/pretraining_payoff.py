@@ -47,7 +47,18 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import arguments, finished, paired, run_cells, run_stamp, spread, test_scores, verdict, whole_run
+from protocol import (
+    arguments,
+    comparison_cells,
+    finished,
+    paired,
+    run_cells,
+    run_stamp,
+    spread,
+    test_scores,
+    verdict,
+    whole_run,
+)
 from provenance import closing_lines, command, commit, machine, write
 
 from glmae.engine.run import run_stage
@@ -260,9 +271,8 @@ def comparison_lines(comps: list[dict], s: Setting) -> list[str]:
     lines = ["| comparison | column | mean difference (points) | 95% CI | seeds favouring | verdict |",
              "|---|---|---:|---|---:|---|"]
     for c in comps:
-        ci = f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]" if c["ci95"] else "–"
-        lines.append(f"| {NAMES[c['a']]} − {NAMES[c['b']]} | {headers(s)[c['column']]} | {100 * c['diff_mean']:+.1f} | "
-                     f"{ci} | {c['n_favour']}/{c['n_seeds']} | {c['verdict']} |")
+        lines.append(f"| {NAMES[c['a']]} − {NAMES[c['b']]} | {headers(s)[c['column']]} | "
+                     + comparison_cells(c, 1, 100))
     return lines
 
 

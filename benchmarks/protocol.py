@@ -102,6 +102,14 @@ def verdict(comparison: dict) -> str:
     return "helps" if ci[0] > 0 else "hurts" if ci[1] < 0 else "no evidence either way"
 
 
+def comparison_cells(c: dict, digits: int = 3, scale: float = 1) -> str:
+    """A comparison's closing table cells: "mean difference | 95% CI | seeds favouring | verdict |",
+    the numbers times SCALE (100: Dice points) with DIGITS decimals."""
+    f = lambda x: f"{scale * x:+.{digits}f}"  # noqa: E731
+    ci = f"[{f(c['ci95'][0])}, {f(c['ci95'][1])}]" if c["ci95"] else "–"
+    return f"{f(c['diff_mean'])} | {ci} | {c['n_favour']}/{c['n_seeds']} | {c['verdict']} |"
+
+
 def arguments(doc: str, name: str, settings: dict, report_only: bool = False) -> argparse.ArgumentParser:
     """--setting (a key of `settings`, default full), --work (the run's resumable cells, default
     benchmarks/work/NAME), --results and --jobs: the options of every benchmark that follows this
