@@ -5,12 +5,9 @@ import importlib.util
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
-from benchresults import KEYS, PROVENANCE
-
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+from benchresults import BENCHMARKS, KEYS, PROVENANCE
 
 
 @pytest.fixture(autouse=True)

@@ -3,22 +3,14 @@ transfer arm, Dice and HD95 per BraTS region of the best and last checkpoints on
 comparisons, resumable cells."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from benchresults import KEYS
-
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+from benchresults import KEYS, script
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # worker processes import the script's modules by name
-    import brain
-
-    yield brain
-    sys.modules.pop("brain", None)
+    return script(monkeypatch, "brain")
 
 
 def test_brain_smoke_setting_writes_dice_and_hd95_per_region_and_the_transfer_row(tmp_path, bench):

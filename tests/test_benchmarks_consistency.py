@@ -2,23 +2,16 @@
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-from benchresults import KEYS
+from benchresults import KEYS, script
 
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 LOG_K = math.log(512)
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # worker processes import the script's modules by name
-    import glmae_consistency
-
-    yield glmae_consistency
-    sys.modules.pop("glmae_consistency", None)
+    return script(monkeypatch, "glmae_consistency")
 
 
 def log(entropies, losses, every=100):

@@ -3,24 +3,16 @@ and last checkpoints, paired comparisons, resumable cells."""
 
 import csv
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from benchresults import KEYS
+from benchresults import KEYS, script
 
 from glmae.synth.cxr import FINDINGS
-
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # worker processes import the script's modules by name
-    import cxr
-
-    yield cxr
-    sys.modules.pop("cxr", None)
+    return script(monkeypatch, "cxr")
 
 
 def test_cxr_smoke_setting_writes_test_results_and_paired_comparisons(tmp_path, bench):

@@ -4,23 +4,16 @@ resumable cells, --report-only of this setting's cells only."""
 
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from benchresults import KEYS
+from benchresults import KEYS, script
 
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 ENCODERS, COLUMNS = ["random", "mae3d", "glmae"], ["probe", "linear", "as_is", "low_encoder_lr", "frozen_warmup"]
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # worker processes import the script's modules by name
-    import pretraining_payoff
-
-    yield pretraining_payoff
-    sys.modules.pop("pretraining_payoff", None)
+    return script(monkeypatch, "pretraining_payoff")
 
 
 def test_smoke_setting_probes_and_fine_tunes_every_encoder_under_every_recipe(tmp_path, bench):
