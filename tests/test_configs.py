@@ -36,7 +36,7 @@ ADDED = {"data.image_size": None, "method.view_scale": None, "method.flip_axes":
 # and gradients clipped at norm 3 there as in the paper configs
 GLMAE_FIX = {"method.nested_locals": True, "method.g2g_pairs": "same", "method.l2g_pairs": "containing",
              "method.target_pool": "matched", "method.head_bottleneck": 256, "method.head_norm_last": True,
-             "method.head_norm": "running", "method.freeze_last_steps": 0, "method.head_lr_scale": 0.3,
+             "method.head_norm": "none", "method.freeze_last_steps": 0, "method.head_lr_scale": 0.3,
              "method.tau_t_start": 0.04, "method.tau_t_warmup": 0.0}
 GLMAE_REMOVED = {"method.head_batch_norm"}
 GLMAE_LOCALS = {"glmae_tiny": [40, 40, 40], "glmae_phantom": [48, 48, 24], "glmae_brats_tiny": [48, 48, 24]}
@@ -87,7 +87,8 @@ def glmae_fix(name: str, before: dict) -> dict:
     if before.get("method.name") != "glmae":
         return before
     kept = {k: v for k, v in before.items() if k not in GLMAE_REMOVED}
-    tiny = {"method.local_size": GLMAE_LOCALS[name], "optim.clip_grad": 3.0} if name in GLMAE_LOCALS else {}
+    tiny = {"method.local_size": GLMAE_LOCALS[name], "optim.clip_grad": 3.0,
+            "method.tau_t": 0.02} if name in GLMAE_LOCALS else {}
     return kept | GLMAE_FIX | tiny
 
 

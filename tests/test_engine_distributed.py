@@ -36,8 +36,9 @@ GLMAE_METHOD = {"name": "glmae", "n_global": 2, "n_local": 2, "global_size": [16
          "local_scale": [0.4, 0.5], "head_hidden": 32, "head_out": 16, **DECODER}
 METHODS = {
     "mae3d": {"task": "pretrain", "method": {"name": "mae3d", "roi": [16, 16, 8], **DECODER}},
-    # the head's running normalisation (the default) sums its statistics over the ranks
-    "glmae": {"task": "pretrain", "method": {**GLMAE_METHOD, "head_norm": "running"}},
+    "glmae": {"task": "pretrain", "method": GLMAE_METHOD},
+    # the head's running normalisation sums its statistics over the ranks
+    "glmae_running": {"task": "pretrain", "method": {**GLMAE_METHOD, "head_norm": "running"}},
     # BatchNorm in the head, so the equality needs the global batch's statistics (SyncBatchNorm)
     "glmae_batchnorm": {"task": "pretrain", "method": {**GLMAE_METHOD, "head_norm": "batch"}},
     "finetune": {"task": "finetune", "method": {
@@ -88,7 +89,7 @@ def train(kind, cfg, run_dir, env, **kwargs):
 # --- the GPU path, on a simulated GPU ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["mae3d", "glmae", "glmae_batchnorm", "finetune"])
+@pytest.mark.parametrize("kind", ["mae3d", "glmae", "glmae_running", "glmae_batchnorm", "finetune"])
 def test_collectives_run_on_their_groups_device_and_steps_never_wait_for_it(kind, tmp_path, monkeypatch):
     """A 2-rank NCCL job on a simulated GPU: every tensor reaching a collective is on the device
     (default group) or on the CPU (host group), which raises WrongDevice otherwise; a step, and the

@@ -9,6 +9,8 @@ normalisation before each GELU is one of:
   every volume gets nearly the same output; removing it, as BatchNorm does, lets the head see what
   differs. Unlike BatchNorm, a sample's output does not depend on the other samples of its batch:
   with 4 teacher views per step, BatchNorm's targets change with whatever else is in the batch.
+  Measured in GL-MAE, though, its statistics of a few views per step made the targets jump, and
+  the student lost them (methods/glmae.py); GL-MAE's default is "none".
 - "batch": BatchNorm (synchronised over the ranks under DDP by the engine).
 - "none".
 
