@@ -87,8 +87,8 @@ def glmae_fix(name: str, before: dict) -> dict:
     if before.get("method.name") != "glmae":
         return before
     kept = {k: v for k, v in before.items() if k not in GLMAE_REMOVED}
-    tiny = {"method.local_size": GLMAE_LOCALS[name], "optim.clip_grad": 3.0,
-            "method.tau_t": 0.02} if name in GLMAE_LOCALS else {}
+    tiny = {"method.local_size": GLMAE_LOCALS[name], "optim.clip_grad": 3.0, "method.tau_t_start": 0.02,
+            "method.tau_t_warmup": 1.0} if name in GLMAE_LOCALS else {}
     return kept | GLMAE_FIX | tiny
 
 
