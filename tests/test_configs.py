@@ -28,7 +28,7 @@ ADDED = {"data.image_size": None, "method.view_scale": None, "method.flip_axes":
          "method.nsd_tolerance": 1.0, "method.validate_surface": False, "method.init_channels": "average",
          "method.entropy_percentiles": [0.5, 99.5], "method.collapse_patience": 10, "method.brats_regions": True,
          "train.probe_every": 500, "train.probe_data": "", "train.probe_steps": 100,
-         "method.freeze_encoder_steps": 0}
+         "method.freeze_encoder_steps": 0, "method.tau_t_hold": 0.0}
 # GL-MAE's consistency made to keep teaching (issue 21, on purpose): which pairs teach and what a
 # target averages, nested local views, DINO's head (bottleneck, cosine last layer, running
 # normalisation instead of BatchNorm), its freeze, lr and temperature schedule; local views of at
@@ -88,7 +88,7 @@ def glmae_fix(name: str, before: dict) -> dict:
         return before
     kept = {k: v for k, v in before.items() if k not in GLMAE_REMOVED}
     tiny = {"method.local_size": GLMAE_LOCALS[name], "optim.clip_grad": 3.0, "method.tau_t_start": 0.02,
-            "method.tau_t_warmup": 1.0} if name in GLMAE_LOCALS else {}
+            "method.tau_t_hold": 0.5, "method.tau_t_warmup": 0.5} if name in GLMAE_LOCALS else {}
     return kept | GLMAE_FIX | tiny
 
 

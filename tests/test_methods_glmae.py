@@ -387,6 +387,17 @@ def test_teacher_temperature_rises_over_its_warm_up_and_resumes_with_the_weights
     assert resumed.teacher_temperature().item() == pytest.approx(0.06)
 
 
+def test_teacher_temperature_holds_its_start_then_rises():
+    model = GLMAE(ENCODER, tiny_cfg(tau_t_start=0.02, tau_t=0.04, tau_t_hold=0.5, tau_t_warmup=0.5))
+    temps = []
+    for step in range(0, 11):
+        if step:
+            model.after_step(step, 10, torch.ones(()))
+        temps.append(model.teacher_temperature().item())
+    assert temps[:6] == pytest.approx([0.02] * 6)
+    assert temps[6:] == pytest.approx([0.024, 0.028, 0.032, 0.036, 0.04])
+
+
 def test_the_last_layer_is_frozen_for_its_first_steps_only():
     torch.manual_seed(0)
     model = GLMAE(ENCODER, tiny_cfg(freeze_last_steps=2))
