@@ -14,7 +14,7 @@ The online probe (`train.probe_every`, `methods/probe.py`) runs on the benchmark
 training phantoms (fitted) and validation phantoms (scored) every 500 steps: whether the features
 still improve. Resumable: each run is a run_stage under --work.
 
-    python benchmarks/glmae_consistency.py --jobs 2          # full: about 1.5 hours on 2 cores
+    python benchmarks/glmae_consistency.py --jobs 2          # full: about 35 minutes on 2 cores
     python benchmarks/glmae_consistency.py --setting smoke   # seconds, for the test suite
 """
 
