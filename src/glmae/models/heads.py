@@ -67,7 +67,7 @@ class ProjectionHead(nn.Module):
     """(N, width) -> (N, out). `bottleneck` 0: the MLP's last Linear gives the outputs directly,
     unbounded (GL-MAE's first head)."""
 
-    def __init__(self, width: int, hidden: int, out: int, bottleneck: int = 256, norm: str = "running",
+    def __init__(self, width: int, hidden: int, out: int, bottleneck: int = 256, norm: str = "none",
                  norm_last: bool = True):
         super().__init__()
         self.mlp = nn.Sequential(
