@@ -55,8 +55,8 @@ optional schedule: `tau_t_start` for the first `tau_t_hold` of the run, then a l
 `tau_t` over the next `tau_t_warmup` (0 by default: no schedule). The tiny configs hold 0.02 for
 half the run and rise to 0.04 over the second half (DINO's also rises, from 0.04 to 0.07).
 
-Measured on phantom CT and brain MRI with glmae_phantom (1500-3000 steps, one seed; teacher
-entropy after step 300, log K = 6.24): with the running normalisation the targets jumped (teacher
+Measured on phantom CT and brain MRI (glmae_phantom, glmae_brats_tiny; 1500-3000 steps, one
+seed; teacher entropy after step 300, log K = 6.24): with the running normalisation the targets jumped (teacher
 entropy 0.9-5.7 nats) and the student lost them (KL(p_t || p_s) median 2.1-2.4, up to 9; student
 near uniform); without it the student follows (KL 0.05-0.6), but on CT phantoms, whose pooled
 features differ little between views, the centred targets stay near uniform at tau_t 0.04 (6.1
