@@ -318,13 +318,17 @@ def test_options_cost_minimal_run_writes_what_the_committed_results_hold(tmp_pat
     assert headings(ours_md) == headings(committed_md)
 
 
+def readme_section(title: str) -> str:
+    """The text of the README section whose title starts with TITLE, up to the next section."""
+    return (BENCHMARKS.parent / "README.md").read_text().split(f"\n## {title}")[1].split("\n## ")[0]
+
+
 def readme_quotes(section: str) -> list[tuple]:
     """(difference, "at N%" or "", low, high, seeds favouring, seeds) of each interval quoted in the
     README section titled SECTION, as written."""
     import re
 
-    text = (BENCHMARKS.parent / "README.md").read_text().split(f"\n## {section}")[1].split("\n## ")[0]
-    prose = " ".join(text.split()).replace("−", "-")
+    prose = " ".join(readme_section(section).split()).replace("−", "-")
     number = r"[+-]\d\.\d{3}"
     at = r"(?: at (\d+%)(?: labels)?)?"
     return re.findall(rf"({number}){at} \(95% CI \[({number}), ({number})\], (\d+) of (\d+) seeds\)", prose)
@@ -353,8 +357,7 @@ def test_the_readme_quotes_the_committed_consistency_runs():
     import re
 
     runs = json.loads((RESULTS / "glmae_consistency.json").read_text())["runs"]
-    section = (BENCHMARKS.parent / "README.md").read_text().split("\n## Methods and configs")[1].split("\n## ")[0]
-    prose = " ".join(section.split())
+    prose = " ".join(readme_section("Methods and configs").split())
     entropy = re.findall(r"(\d\.\d\d)–(\d\.\d\d) nats at (\d+) steps", prose)
     assert entropy == [(f"{r['entropy_after_warmup'][0]:.2f}", f"{r['entropy_after_warmup'][1]:.2f}", str(r["steps"]))
                        for r in runs]
@@ -367,8 +370,7 @@ def test_the_readme_quotes_the_committed_consistency_runs():
 
 def readme_results() -> list[str]:
     """The lines of README's results section ("Does pre-training help?")."""
-    text = (BENCHMARKS.parent / "README.md").read_text()
-    return text.split("\n## Does pre-training help?")[1].split("\n## ")[0].splitlines()
+    return readme_section("Does pre-training help?").splitlines()
 
 
 def test_the_readme_results_table_is_the_committed_jsons():
