@@ -23,6 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -167,25 +168,47 @@ def run_cells(cells: list[tuple], jobs: int, work: Path):
 
 
 @contextlib.contextmanager
-def whole_run(work: Path, setting: dict, made_from: str, command: str, record: bool = True):
+def whole_run(work: Path, setting: dict, made_from: str, command: str, record: bool = True, every: float = 60.0):
     """Yield a list that, once the block is left (however: an interrupted invocation counts too),
     holds every invocation of this run, this one included: {"started", "minutes", "commit",
     "command"} each, kept in WORK/invocations.json under a digest of the setting, so that invocations
-    of another setting in the same folder are not counted. `record=False` (--report-only) adds none."""
+    of another setting in the same folder are not counted. The invocation is written when it starts
+    and its minutes every EVERY seconds, so one that is killed outright (a session's end, SIGKILL)
+    still counts up to its last write. `record=False` (--report-only) adds none."""
     path = work / "invocations.json"
     key = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    log = json.loads(path.read_text()) if path.is_file() else {}
     started = time.time()
+    this = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "minutes": 0.0,
+            "commit": made_from, "command": command}
     runs: list[dict] = []
+    if record:
+        log.setdefault(key, []).append(this)
+    lock, stop = threading.Lock(), threading.Event()
+
+    def save():
+        with lock:
+            this["minutes"] = (time.time() - started) / 60
+            work.mkdir(parents=True, exist_ok=True)
+            part = path.with_suffix(".part")
+            part.write_text(json.dumps(log, indent=2) + "\n")
+            part.replace(path)  # never a half-written file, whenever the process dies
+
+    def beat():
+        while not stop.wait(every):
+            save()
+
+    heart = threading.Thread(target=beat, daemon=True)
+    if record:
+        save()
+        heart.start()
     try:
         yield runs
     finally:
-        log = json.loads(path.read_text()) if path.is_file() else {}
+        stop.set()
         if record:
-            log.setdefault(key, []).append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-                                            "minutes": (time.time() - started) / 60, "commit": made_from,
-                                            "command": command})
-            work.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(log, indent=2) + "\n")
+            heart.join()
+            save()
         runs.extend(log.get(key, []))
 
 

@@ -62,6 +62,24 @@ def test_a_whole_run_counts_every_invocation_of_its_setting(tmp_path):
     assert protocol.run_stamp([], "ghi") == {"commit": "ghi", "wall_minutes": 0}
 
 
+def test_a_killed_invocation_still_counts_up_to_its_last_write(tmp_path):
+    import json
+    import subprocess
+
+    code = ("import os, sys, time; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import protocol\n"
+            "with protocol.whole_run(Path(sys.argv[2]), {'seeds': [0]}, 'abc', 'python x.py', every=0.05):\n"
+            "    time.sleep(1.0)\n"
+            "    os._exit(9)  # no finally, no atexit: what a SIGKILL leaves\n")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(protocol.__file__).parent), str(tmp_path)])
+    assert done.returncode == 9
+    (killed,) = json.loads((tmp_path / "invocations.json").read_text()).values()
+    assert len(killed) == 1 and 0.5 / 60 < killed[0]["minutes"] < 1.5 / 60
+    with protocol.whole_run(tmp_path, {"seeds": [0]}, "def", "python x.py") as runs:
+        pass
+    assert [r["commit"] for r in runs] == ["abc", "def"]
+    assert not list(tmp_path.glob("*.part"))
+
+
 def test_every_result_records_and_reports_its_provenance():
     import time
 
