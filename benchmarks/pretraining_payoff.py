@@ -35,7 +35,7 @@ The setting was fixed before any run of it; its numbers and reasons are in SETTI
 every cell is a run_stage under --work (recomputed if its inputs change); --report-only summarises
 the cells of this setting done so far (marked PARTIAL).
 
-    python benchmarks/pretraining_payoff.py --jobs 2              # full: about 2-2.5 hours on 2 cores
+    python benchmarks/pretraining_payoff.py --jobs 2              # full: about 3 hours on 2 cores (measured)
     python benchmarks/pretraining_payoff.py --setting smoke       # about a minute, for the test suite
 """
 
@@ -106,7 +106,7 @@ class Setting:
 # (label_efficiency.py measured 0.55-0.6 s a step, two cells side by side on an idle machine); a
 # pre-training step of GL-MAE 0.30 s, MAE3D 0.10 s. So 3 encoders x 5 seeds x 4 fine-tunings = 60
 # cells of 4-5 min (235-295 min of one core), the two pre-trainings (20 min, beside the random
-# encoder's cells) and 15 probes (2 min): about 2-2.5 hours with --jobs 2.
+# encoder's cells) and 15 probes (2 min): about 2-2.5 hours with --jobs 2 (the run took about 3).
 SETTINGS = {
     "full": Setting(pool=48, train=4, val=4, test=8, shape=(64, 64, 48), pretrain_steps=3000, finetune_steps=400,
                     val_every=100, probe_steps=300, freeze_steps=100, seeds=(0, 1, 2, 3, 4), fraction=0.25),
