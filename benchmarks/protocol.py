@@ -182,24 +182,22 @@ def whole_run(work: Path, setting: dict, made_from: str, command: str, record: b
     this = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "minutes": 0.0,
             "commit": made_from, "command": command}
     runs: list[dict] = []
-    if record:
-        log.setdefault(key, []).append(this)
-    lock, stop = threading.Lock(), threading.Event()
 
-    def save():
-        with lock:
-            this["minutes"] = (time.time() - started) / 60
-            work.mkdir(parents=True, exist_ok=True)
-            part = path.with_suffix(".part")
-            part.write_text(json.dumps(log, indent=2) + "\n")
-            part.replace(path)  # never a half-written file, whenever the process dies
+    def save():  # from one thread at a time: the heart is started after the first and joined before the last
+        this["minutes"] = (time.time() - started) / 60
+        work.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(".part")
+        part.write_text(json.dumps(log, indent=2) + "\n")
+        part.replace(path)  # never a half-written file, whenever the process dies
 
     def beat():
         while not stop.wait(every):
             save()
 
+    stop = threading.Event()
     heart = threading.Thread(target=beat, daemon=True)
     if record:
+        log.setdefault(key, []).append(this)
         save()
         heart.start()
     try:
