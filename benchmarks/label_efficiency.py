@@ -15,7 +15,7 @@ The run is resumable: each pre-training and each fine-tuning cell is a run_stage
 under --work, reused only for identical inputs. Results go to --results as
 label_efficiency.{json,md,png}; --report-only summarises the cells of this setting done so far (marked PARTIAL).
 
-    python benchmarks/label_efficiency.py --jobs 2              # full: about 2.5 hours on 2 cores
+    python benchmarks/label_efficiency.py --jobs 2              # full: about 3 hours on 2 cores
     python benchmarks/label_efficiency.py --setting smoke       # seconds, for the test suite
 """
 
